@@ -1,0 +1,1 @@
+"""engage: compliance-aware patient engagement campaign engine."""

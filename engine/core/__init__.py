@@ -1,0 +1,1 @@
+"""The pure core: decides and renders; imports no Flask, SQLAlchemy, twilio, network or disk."""
