@@ -113,9 +113,7 @@ class History:
 
     def count(self, *, since: datetime, purposes: frozenset[str] | None = None) -> int:
         return sum(
-            1
-            for m in self.sent
-            if m.at > since and (purposes is None or m.purpose in purposes)
+            1 for m in self.sent if m.at > since and (purposes is None or m.purpose in purposes)
         )
 
 

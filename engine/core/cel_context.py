@@ -1,0 +1,428 @@
+"""The names CEL expressions may use, the plain variables behind them, and their compilation.
+
+Value conventions (documented for rule authors in docs/policy-language.md):
+- instants (`now`, `consent.<purpose>.granted_at`, `appointment.starts_at`) are CEL timestamps;
+- calendar days (`local.date`, `prescription.refill_due`) are ISO strings "YYYY-MM-DD", so
+  they compare as strings and `timestamp(d + "T00:00:00Z")` turns one into a timestamp;
+- unknown values: `patient.age` is null, `patient.region` and `patient.timezone` are "";
+- `local.weekday` is ISO: 1 = Monday ... 7 = Sunday;
+- `consent`, `history.purpose_24h` and `history.purpose_7d` hold every declared purpose,
+  so `history.purpose_24h.adherence` and `consent.marketing.active` never miss a key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import cel
+
+from engine.core.domain import (
+    Appointment,
+    ConsentState,
+    DecisionContext,
+    History,
+    MessageFacts,
+    Patient,
+    Prescription,
+)
+
+Names = Mapping[str, frozenset[str] | None]
+"""Top-level name -> the fields it has (None: not a record, no field check)."""
+
+PATIENT_FIELDS = frozenset(
+    {"external_id", "age", "country", "region", "timezone", "locale", "allow_phi_sms"}
+)
+CONSENT_FIELDS = frozenset({"active", "legal_basis", "method", "granted_at"})
+MESSAGE_FIELDS = frozenset(
+    {"purpose", "campaign", "template", "locale", "segments", "encoding", "length"}
+    | {"contains_phi", "has_opt_out_text"}
+)
+LOCAL_FIELDS = frozenset({"hour", "minute", "weekday", "date"})
+HISTORY_FIELDS = frozenset({"sent_24h", "sent_7d", "purpose_24h", "purpose_7d"})
+PRESCRIPTION_FIELDS = frozenset({"rx_id", "medication", "medication_class", "refill_due", "status"})
+APPOINTMENT_FIELDS = frozenset(
+    {"appointment_id", "starts_at", "kind", "provider", "location", "status"}
+)
+
+POLICY_NAMES: Names = MappingProxyType(
+    {
+        "patient": PATIENT_FIELDS,
+        "consent": None,
+        "message": MESSAGE_FIELDS,
+        "local": LOCAL_FIELDS,
+        "history": HISTORY_FIELDS,
+        "now": None,
+    }
+)
+AUDIENCE_NAMES: Names = MappingProxyType(
+    {
+        "patient": PATIENT_FIELDS,
+        "prescription": PRESCRIPTION_FIELDS,
+        "appointment": APPOINTMENT_FIELDS,
+        "now": None,
+    }
+)
+RECORD_MAPS: Mapping[str, frozenset[str]] = MappingProxyType({"consent": CONSENT_FIELDS})
+"""Maps whose values are records: `consent.<purpose>.<field>` checks <field>."""
+
+DEFAULT_PURPOSES: tuple[str, ...] = ("adherence", "appointment", "marketing")
+DAY = timedelta(days=1)
+WEEK = timedelta(days=7)
+
+
+class PolicyError(ValueError):
+    """A policy definition that cannot be compiled; `line` is the rule's line in its file."""
+
+    def __init__(self, message: str, line: int | None = None, *, rule: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class Uses:
+    """What expressions read: names used whole, and name -> the fields read as `name.field`.
+
+    A field read is compiled as the flat variable `name__field`: the cel module converts a
+    top-level variable several times faster than a map entry, and only read fields are built.
+    """
+
+    whole: frozenset[str] = frozenset()
+    fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return self.whole | frozenset(self.fields)
+
+    @cached_property
+    def flat_names(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        return {n: tuple((m, flat_name(n, m)) for m in read) for n, read in self.fields.items()}
+
+    def __or__(self, other: Uses) -> Uses:
+        merged = dict(self.fields)
+        for name, read in other.fields.items():
+            merged[name] = merged.get(name, frozenset()) | read
+        return Uses(self.whole | other.whole, merged)
+
+
+def flat_name(name: str, member: str) -> str:
+    return f"{name}__{member}"
+
+
+def bind(variables: Mapping[str, Any], uses: Uses) -> dict[str, Any]:
+    """The activation of compiled expressions from nested variables; a field of a null
+    record (an absent anchor) is null."""
+    out = {name: variables[name] for name in uses.whole}
+    for name, pairs in uses.flat_names.items():
+        record = variables[name]
+        for member, flat in pairs:
+            out[flat] = None if record is None else record[member]
+    return out
+
+
+@dataclass(frozen=True)
+class CompiledExpression:
+    """A CEL expression compiled once (with `name.field` reads rewritten to flat names)."""
+
+    source: str
+    where: str
+    program: cel.Program = field(repr=False, compare=False)
+    uses: Uses = Uses()
+
+    def evaluate(self, variables: Mapping[str, Any]) -> Any:
+        """Evaluate on nested variables, as policy_variables or audience_variables build."""
+        return self.program.execute(bind(variables, self.uses))
+
+    def run(self, activation: cel.Context) -> Any:
+        """Evaluate on a prebuilt activation: `cel.Context(bind(variables, uses))` for these
+        uses or a superset (build one per decision and share it among expressions)."""
+        return self.program.execute(activation)
+
+
+# --- variables ----------------------------------------------------------------------------
+
+
+def patient_vars(patient: Patient, *, today: date) -> dict[str, Any]:
+    return {
+        "external_id": patient.external_id,
+        "age": patient.age_on(today),
+        "country": patient.country,
+        "region": patient.region or "",
+        "timezone": patient.timezone or "",
+        "locale": patient.locale,
+        "allow_phi_sms": patient.allow_phi_sms,
+    }
+
+
+def consent_vars(consents: Mapping[str, ConsentState], purposes: Iterable[str]) -> dict[str, Any]:
+    """Every declared purpose (inactive unless granted) plus any other the patient holds."""
+    out: dict[str, Any] = {
+        p: {"active": False, "legal_basis": None, "method": None, "granted_at": None}
+        for p in purposes
+    }
+    for purpose, state in consents.items():
+        out[purpose] = {
+            "active": state.active and state.channel == "sms",
+            "legal_basis": state.legal_basis,
+            "method": state.method,
+            "granted_at": state.granted_at,
+        }
+    return out
+
+
+def history_vars(history: History, now: datetime, purposes: Iterable[str]) -> dict[str, Any]:
+    """Counts of messages after now-24h and now-7d (messages committed for later count too)."""
+    day_cut, week_cut = now - DAY, now - WEEK
+    per_day = dict.fromkeys(purposes, 0)
+    per_week = dict(per_day)
+    sent_24h = sent_7d = 0
+    for m in history.sent:
+        if m.at > week_cut:
+            sent_7d += 1
+            per_week[m.purpose] = per_week.get(m.purpose, 0) + 1
+            if m.at > day_cut:
+                sent_24h += 1
+                per_day[m.purpose] = per_day.get(m.purpose, 0) + 1
+    per_day.update((p, 0) for p in per_week if p not in per_day)
+    return {
+        "sent_24h": sent_24h,
+        "sent_7d": sent_7d,
+        "purpose_24h": per_day,
+        "purpose_7d": per_week,
+    }
+
+
+def local_vars(now: datetime, zone: str) -> dict[str, Any]:
+    local = now.astimezone(ZoneInfo(zone))
+    return {
+        "hour": local.hour,
+        "minute": local.minute,
+        "weekday": local.isoweekday(),
+        "date": local.date().isoformat(),
+    }
+
+
+def message_vars(message: MessageFacts) -> dict[str, Any]:
+    return {name: getattr(message, name) for name in MESSAGE_FIELDS}
+
+
+def policy_variables(
+    ctx: DecisionContext, *, purposes: Sequence[str] = (), only: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """The nested variables of a decision (`only`: just these names, to save the work)."""
+    zone = ctx.patient.zones[0]
+    out: dict[str, Any] = {}
+    for name in POLICY_NAMES if only is None else only:
+        if name == "now":
+            out[name] = ctx.now
+        elif name == "patient":
+            today = ctx.now.astimezone(ZoneInfo(zone)).date()
+            out[name] = patient_vars(ctx.patient, today=today)
+        elif name == "consent":
+            out[name] = consent_vars(ctx.consents, purposes)
+        elif name == "message":
+            out[name] = message_vars(ctx.message)
+        elif name == "local":
+            out[name] = local_vars(ctx.now, zone)
+        elif name == "history":
+            out[name] = history_vars(ctx.history, ctx.now, purposes)
+    return out
+
+
+def audience_variables(
+    patient: Patient, anchor: Prescription | Appointment | None, now: datetime
+) -> dict[str, Any]:
+    """Variables of a campaign's audience `where`; the anchor that is not this one is null."""
+    today = now.astimezone(ZoneInfo(patient.zones[0])).date()
+    out: dict[str, Any] = {
+        "patient": patient_vars(patient, today=today),
+        "prescription": None,
+        "appointment": None,
+        "now": now,
+    }
+    if isinstance(anchor, Prescription):
+        rx = {f: getattr(anchor, f) for f in PRESCRIPTION_FIELDS}
+        out["prescription"] = rx | {"refill_due": anchor.refill_due.isoformat()}
+    elif isinstance(anchor, Appointment):
+        out["appointment"] = {f: getattr(anchor, f) for f in APPOINTMENT_FIELDS}
+    return out
+
+
+SAMPLE_NOW = datetime(2026, 3, 10, 15, 0, tzinfo=UTC)
+
+
+def sample_patient() -> Patient:
+    return Patient("sample", "America/New_York", region="NY", birth_date=date(1970, 1, 1))
+
+
+def sample_policy_variables(purposes: Sequence[str] = DEFAULT_PURPOSES) -> dict[str, Any]:
+    """A typical decision's variables, every purpose consented: used to test-run expressions."""
+    consents = {
+        p: ConsentState(p, active=True, legal_basis="express", granted_at=SAMPLE_NOW - WEEK)
+        for p in purposes
+    }
+    ctx = DecisionContext(
+        patient=sample_patient(),
+        consents=consents,
+        message=MessageFacts(purpose=purposes[0] if purposes else "adherence", length=100),
+        history=History(),
+        now=SAMPLE_NOW,
+    )
+    return policy_variables(ctx, purposes=purposes)
+
+
+def sample_audience_variables() -> dict[str, Any]:
+    """Both anchors present, so a `where` on either can be test-run."""
+    rx = Prescription("rx-1", "atorvastatin", "statin", SAMPLE_NOW.date() + WEEK)
+    appt = Appointment("ap-1", SAMPLE_NOW + WEEK, "follow-up", "Dr. Lee", "Main St")
+    out = audience_variables(sample_patient(), rx, SAMPLE_NOW)
+    out["appointment"] = audience_variables(sample_patient(), appt, SAMPLE_NOW)["appointment"]
+    return out
+
+
+# --- compilation --------------------------------------------------------------------------
+
+_STRING = (
+    r"""[rRbB]{0,2}(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''"""
+    r"""|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')"""
+)
+_TOKEN = re.compile(
+    rf"(?P<string>{_STRING})"
+    r"|(?<![\w.])(?P<name>[A-Za-z_]\w*)(?:\s*\.\s*(?P<member>[A-Za-z_]\w*)(?P<call>\s*\()?)?"
+)
+_BOUND = re.compile(r"\.\s*(?:all|exists_one|exists|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+_RECORD_FIELD = re.compile(r"(?<![\w.])(\w+)\s*\.\s*\w+\s*\.\s*([A-Za-z_]\w*)(\s*\()?")
+_HAS_OPEN = re.compile(r"has\s*\(\s*$")
+_SYNTAX = re.compile(r"<input>:(\d+):(\d+): ([^\n]*)")
+
+
+def compile_expression(
+    source: str,
+    *,
+    names: Names,
+    where: str,
+    sample: Mapping[str, Any] | None = None,
+    boolean: bool = True,
+) -> CompiledExpression:
+    """Compile `source`, rejecting syntax errors, names or fields outside `names`, and
+    expressions that fail (missing key, type error) or are not boolean on a sample context.
+    `sample` (nested variables) defaults to a typical one for POLICY_NAMES or AUDIENCE_NAMES."""
+    try:
+        program = cel.compile(source)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {_syntax_message(str(exc))}") from None
+    unknown = sorted(set(program.variables()) - set(_BOUND.findall(source)) - set(names))
+    if unknown:
+        raise PolicyError(
+            f"{where}: unknown name {unknown[0]!r}; allowed names: {', '.join(sorted(names))}"
+        )
+    uses = _scan_uses(source, names, where)
+    flat = _flatten_source(source, uses) if uses.fields else source
+    compiled = CompiledExpression(source, where, cel.compile(flat), uses)
+    if sample is None:
+        sample = _default_sample(names)
+    if sample is not None:
+        _try_sample(compiled, sample, boolean=boolean)
+    return compiled
+
+
+def _syntax_message(text: str) -> str:
+    found = _SYNTAX.search(text)
+    if not found:
+        return f"CEL syntax error: {text.splitlines()[0] if text else 'invalid expression'}"
+    line, column, detail = found.groups()
+    detail = detail.removeprefix("Syntax error: ")
+    return f"CEL syntax error at line {line}, column {column}: {detail}"
+
+
+def _scan_uses(source: str, names: Names, where: str) -> Uses:
+    """Check `name.field` reads against `names`; a name read other than by plain field
+    access (whole, in has(), by a method, or rebound by a macro) is used whole."""
+    whole = set(_BOUND.findall(source)) & set(names)
+    read: dict[str, set[str]] = {}
+    for token in _TOKEN.finditer(source):
+        name, member, call = token.group("name", "member", "call")
+        if name not in names:
+            continue
+        fields = names[name]
+        if member is None or call or fields is None:
+            whole.add(name)
+            continue
+        if member not in fields:
+            raise PolicyError(
+                f"{where}: unknown field {name}.{member}; {name} has: {', '.join(sorted(fields))}"
+            )
+        if _HAS_OPEN.search(source, 0, token.start()):
+            whole.add(name)
+        read.setdefault(name, set()).add(member)
+    _check_record_fields(_TOKEN.sub(_blank_strings, source), names, where)
+    return Uses(frozenset(whole), {n: frozenset(f) for n, f in read.items() if n not in whole})
+
+
+def _blank_strings(token: re.Match[str]) -> str:
+    return '""' if token.group("string") else token.group(0)
+
+
+def _check_record_fields(scanned: str, names: Names, where: str) -> None:
+    for match in _RECORD_FIELD.finditer(scanned):
+        name, member, call = match.groups()
+        fields = RECORD_MAPS.get(name)
+        if name in names and fields is not None and not call and member not in fields:
+            raise PolicyError(
+                f"{where}: unknown field {member!r} of a {name} entry; "
+                f"each has: {', '.join(sorted(fields))}"
+            )
+
+
+def _flatten_source(source: str, uses: Uses) -> str:
+    def replace(token: re.Match[str]) -> str:
+        name, member = token.group("name", "member")
+        if name in uses.fields and member is not None:
+            return flat_name(name, member)
+        return token.group(0)
+
+    return _TOKEN.sub(replace, source)
+
+
+def _default_sample(names: Names) -> Mapping[str, Any] | None:
+    if names is POLICY_NAMES:
+        return sample_policy_variables()
+    if names is AUDIENCE_NAMES:
+        return sample_audience_variables()
+    return None
+
+
+def _try_sample(compiled: CompiledExpression, sample: Mapping[str, Any], *, boolean: bool) -> None:
+    """Run the expression on typical data: a missing key, a type mismatch or an unknown
+    function there is a mistake in the expression, not in the data."""
+    where = compiled.where
+    try:
+        result = compiled.evaluate(sample)
+    except KeyError as exc:
+        raise PolicyError(
+            f"{where}: key {exc} not found on a sample context "
+            "(only documented fields and declared purposes exist)"
+        ) from None
+    except TypeError as exc:
+        detail = _first_sentence(exc)
+        raise PolicyError(f"{where}: type error on a sample context: {detail}") from None
+    except RuntimeError as exc:
+        if "Undefined variable or function" not in str(exc):
+            return
+        raise PolicyError(f"{where}: {_first_sentence(exc)}") from None
+    except (ArithmeticError, LookupError, ValueError):
+        return  # data-dependent (division by zero, index out of range): decided at run time
+    if boolean and not isinstance(result, bool):
+        raise PolicyError(f"{where}: must be a boolean, got {type(result).__name__} {result!r}")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    return str(exc).split(". ", 1)[0]

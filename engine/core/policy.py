@@ -1,0 +1,404 @@
+"""Policy rules compiled once, and `decide`: allow, defer or deny with a trace of every rule.
+
+Deny overrides defer overrides allow. A rule that fails while being evaluated denies
+(fail closed) with a message starting "policy-error: ".
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import cel
+
+from engine.core.cel_context import (
+    DEFAULT_PURPOSES,
+    POLICY_NAMES,
+    CompiledExpression,
+    PolicyError,
+    Uses,
+    bind,
+    compile_expression,
+    policy_variables,
+    sample_policy_variables,
+)
+from engine.core.domain import (
+    LEGAL_BASES,
+    Decision,
+    DecisionContext,
+    Rule,
+    RuleResult,
+)
+
+__all__ = [
+    "CompiledPolicySet",
+    "CompiledRule",
+    "PolicyError",
+    "compile_policy_set",
+    "decide",
+    "next_window_start",
+]
+
+KINDS = ("consent", "quiet_hours", "frequency_cap", "expression")
+SEARCH_HORIZON = timedelta(days=7)
+
+# What CEL (common-expression-language 0.10) raises at run time, found by experiment:
+# KeyError (missing map key), IndexError, TypeError ("No such overload", null member access),
+# ZeroDivisionError, OverflowError, ValueError (conversion), RuntimeError (unknown function,
+# bad regex, int("x")); plus zoneinfo's ZoneInfoNotFoundError (a KeyError) for a bad zone.
+RULE_ERRORS = (ArithmeticError, LookupError, RuntimeError, TypeError, ValueError, AttributeError)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    rule: Rule
+    purposes: frozenset[str] | None
+    where: CompiledExpression | None
+    when: CompiledExpression | None
+    count_purposes: frozenset[str] | None
+    detail: str = ""
+    """Precomputed message text: the purposes for a skip, the window, the cap's scope."""
+
+
+@dataclass(frozen=True)
+class CompiledPolicySet:
+    """Rules in evaluation order; `uses` is what their CEL reads (to build only that)."""
+
+    rules: tuple[CompiledRule, ...]
+    purposes: tuple[str, ...]
+    uses: Uses
+
+
+# --- compilation --------------------------------------------------------------------------
+
+
+def compile_policy_set(rules: Sequence[Rule], *, purposes: Sequence[str]) -> CompiledPolicySet:
+    """Validate every rule and compile its CEL once; the first problem raises PolicyError
+    carrying the rule's id and line."""
+    sample = sample_policy_variables(tuple(purposes) or DEFAULT_PURPOSES)
+    seen: set[str] = set()
+    compiled: list[CompiledRule] = []
+    for rule in rules:
+        try:
+            if rule.id in seen:
+                raise PolicyError(f"duplicate rule id {rule.id!r}")
+            seen.add(rule.id)
+            compiled.append(_compile_rule(rule, frozenset(purposes), sample))
+        except PolicyError as exc:
+            raise PolicyError(f"rule {rule.id}: {exc.message}", rule.line, rule=rule.id) from None
+    uses = Uses()
+    for expression in (e for c in compiled for e in (c.where, c.when) if e is not None):
+        uses |= expression.uses
+    return CompiledPolicySet(tuple(compiled), tuple(purposes), uses)
+
+
+def _compile_rule(
+    rule: Rule, purposes: frozenset[str], sample: Mapping[str, object]
+) -> CompiledRule:
+    _validate_parameters(rule, purposes)
+    where = when = None
+    if rule.applies_to.where is not None:
+        where = compile_expression(
+            rule.applies_to.where, names=POLICY_NAMES, where="applies_to.where", sample=sample
+        )
+    if rule.when is not None:
+        when = compile_expression(rule.when, names=POLICY_NAMES, where="when", sample=sample)
+    count = rule.count_purposes if rule.count_purposes is not None else rule.applies_to.purposes
+    return CompiledRule(
+        rule=rule,
+        purposes=_frozen(rule.applies_to.purposes),
+        where=where,
+        when=when,
+        count_purposes=_frozen(count),
+        detail=_detail(rule, count),
+    )
+
+
+def _detail(rule: Rule, count: Sequence[str] | None) -> str:
+    if rule.kind == "quiet_hours" and rule.window_start and rule.window_end:
+        return f"{rule.window_start:%H:%M}-{rule.window_end:%H:%M}"
+    if rule.kind == "frequency_cap" and rule.window is not None:
+        scope = f" {', '.join(sorted(count))}" if count is not None else ""
+        return f"{scope} sent in the last {format_duration(rule.window)}; limit {rule.limit}"
+    return ""
+
+
+def _validate_parameters(rule: Rule, purposes: frozenset[str]) -> None:
+    problems: list[str] = []
+    if rule.kind not in KINDS:
+        problems.append(f"unknown kind {rule.kind!r}; kinds: {', '.join(KINDS)}")
+    if rule.effect not in ("deny", "defer"):
+        problems.append(f"effect must be deny or defer, not {rule.effect!r}")
+    elif rule.effect == "defer" and rule.kind in ("consent", "expression"):
+        problems.append(f"a {rule.kind} rule cannot defer (no time to defer to); use deny")
+    for label, listed in (
+        ("applies_to.purposes", rule.applies_to.purposes),
+        ("count_purposes", rule.count_purposes),
+    ):
+        unknown = sorted(set(listed or ()) - purposes)
+        if unknown:
+            problems.append(
+                f"{label}: unknown purpose {unknown[0]!r}; purposes: {', '.join(sorted(purposes))}"
+            )
+    problems.extend(_kind_problems(rule))
+    if problems:
+        raise PolicyError(problems[0])
+
+
+def _kind_problems(rule: Rule) -> list[str]:
+    problems: list[str] = []
+    if rule.kind != "expression" and rule.when is not None:
+        problems.append("`when` is only for expression rules; use applies_to.where")
+    if rule.kind == "consent":
+        bad = sorted(set(rule.legal_bases) - set(LEGAL_BASES))
+        if bad:
+            problems.append(f"unknown legal basis {bad[0]!r}; bases: {', '.join(LEGAL_BASES)}")
+    elif rule.kind == "quiet_hours":
+        if rule.window_start is None or rule.window_end is None:
+            problems.append("quiet_hours needs window_start and window_end")
+        elif rule.window_start == rule.window_end:
+            problems.append("window_start equals window_end; the window would be empty")
+    elif rule.kind == "frequency_cap":
+        if rule.limit is None or rule.limit < 0:
+            problems.append("frequency_cap needs limit >= 0")
+        if rule.window is None or rule.window <= timedelta(0):
+            problems.append("frequency_cap needs a window > 0")
+    elif rule.kind == "expression" and not rule.when:
+        problems.append("expression rule needs `when`")
+    return problems
+
+
+def _frozen(values: Sequence[str] | None) -> frozenset[str] | None:
+    return None if values is None else frozenset(values)
+
+
+# --- decision -----------------------------------------------------------------------------
+
+
+class _Evaluation:
+    """Per-decision state: the CEL activation (built once, only if some rule needs it)
+    and `where` results shared by rules with the same condition."""
+
+    __slots__ = ("_activation", "_clocks", "_where", "ctx", "policy_set")
+
+    def __init__(self, policy_set: CompiledPolicySet, ctx: DecisionContext):
+        self.policy_set = policy_set
+        self.ctx = ctx
+        self._activation: cel.Context | None = None
+        self._clocks: tuple[list[datetime], str] | None = None
+        self._where: dict[str, bool] = {}
+
+    def clocks(self) -> tuple[list[datetime], str]:
+        """The local time in each of the patient's zones, and that as text."""
+        if self._clocks is None:
+            local = [self.ctx.now.astimezone(ZoneInfo(z)) for z in self.ctx.patient.zones]
+            text = ", ".join(f"{t.hour:02d}:{t.minute:02d} {t.tzinfo}" for t in local)
+            self._clocks = (local, text)
+        return self._clocks
+
+    def activation(self) -> cel.Context:
+        if self._activation is None:
+            uses = self.policy_set.uses
+            nested = policy_variables(self.ctx, purposes=self.policy_set.purposes, only=uses.names)
+            self._activation = cel.Context(bind(nested, uses))
+        return self._activation
+
+    def holds(self, expression: CompiledExpression) -> bool:
+        known = self._where.get(expression.source)
+        if known is None:
+            known = _boolean(expression, expression.run(self.activation()))
+            self._where[expression.source] = known
+        return known
+
+
+def decide(policy_set: CompiledPolicySet, ctx: DecisionContext) -> Decision:
+    """Evaluate every rule in order; deny overrides defer overrides allow. A deferred
+    decision's send_at is the latest defer_until, so that every deferring rule holds."""
+    evaluation = _Evaluation(policy_set, ctx)
+    trace = tuple(_evaluate(compiled, evaluation) for compiled in policy_set.rules)
+    send_at: datetime | None = None
+    for result in trace:
+        if result.effect == "deny":
+            return Decision("deny", None, trace)
+        if result.effect == "defer" and (send_at is None or result.defer_until > send_at):
+            send_at = result.defer_until
+    if send_at is not None:
+        return Decision("defer", send_at, trace)
+    return Decision("allow", ctx.now, trace)
+
+
+def _evaluate(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+    rule = compiled.rule
+    purpose = evaluation.ctx.message.purpose
+    try:
+        if compiled.purposes is not None and purpose not in compiled.purposes:
+            listed = ", ".join(rule.applies_to.purposes or ())
+            return _result(rule, "skip", f"purpose {purpose} is not {listed}")
+        if compiled.where is not None and not evaluation.holds(compiled.where):
+            return _result(rule, "skip", f"where is false: {compiled.where.source}")
+        return _CHECKS[rule.kind](compiled, evaluation)
+    except RULE_ERRORS as exc:  # fail closed: a rule that cannot be evaluated denies
+        return _result(rule, "deny", f"policy-error: {type(exc).__name__}: {exc}")
+
+
+def _result(
+    rule: Rule, effect: str, message: str, defer_until: datetime | None = None
+) -> RuleResult:
+    return RuleResult(rule.id, rule.policy, effect, message, rule.cite, defer_until)  # type: ignore[arg-type]
+
+
+def _boolean(expression: CompiledExpression, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{expression.where} returned {type(value).__name__}, not a boolean")
+    return value
+
+
+def _check_consent(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+    rule, ctx = compiled.rule, evaluation.ctx
+    purpose = ctx.message.purpose
+    consent = ctx.consents.get(purpose)
+    if consent is None or not consent.active:
+        revoked = consent.revoked_at if consent is not None else None
+        when = f" (revoked {revoked:%Y-%m-%d})" if revoked else ""
+        return _result(rule, rule.effect, f"no active consent for {purpose}{when}")
+    if consent.channel != "sms":
+        return _result(rule, rule.effect, f"consent {purpose} covers {consent.channel}, not sms")
+    basis = consent.legal_basis or "no basis recorded"
+    if rule.legal_bases and consent.legal_basis not in rule.legal_bases:
+        wanted = " or ".join(rule.legal_bases)
+        return _result(rule, rule.effect, f"consent {purpose} is {basis}; needs {wanted}")
+    return _result(rule, "allow", f"consent {purpose} active ({basis})")
+
+
+def _check_expression(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+    rule, when = compiled.rule, compiled.when
+    assert when is not None  # compile_policy_set guarantees it
+    if _boolean(when, when.run(evaluation.activation())):
+        return _result(rule, rule.effect, rule.message or rule.description or rule.when or "")
+    return _result(rule, "allow", f"when is false: {when.source}")
+
+
+def _check_frequency_cap(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+    """Rolling window: a message counts while `at > now - window` (committed ones too)."""
+    rule, now = compiled.rule, evaluation.ctx.now
+    limit, window, wanted = rule.limit or 0, rule.window or timedelta(0), compiled.count_purposes
+    since = now - window
+    times = sorted(
+        m.at
+        for m in evaluation.ctx.history.sent
+        if m.at > since and (wanted is None or m.purpose in wanted)
+    )
+    summary = f"{len(times)}{compiled.detail}"
+    if len(times) < limit:
+        return _result(rule, "allow", summary)
+    if rule.effect == "deny" or limit == 0:
+        return _result(rule, "deny", summary)
+    until = times[len(times) - limit] + window
+    return _result(rule, "defer", f"{summary}; next slot {until:%Y-%m-%dT%H:%M}Z", until)
+
+
+def _check_quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+    rule, ctx = compiled.rule, evaluation.ctx
+    start, end = rule.window_start, rule.window_end
+    assert start is not None and end is not None  # compile_policy_set guarantees it
+    local, clocks = evaluation.clocks()
+    window = compiled.detail
+    if all(in_window(t.time(), start, end) for t in local):
+        return _result(rule, "allow", f"local time {clocks} within {window}")
+    if rule.effect == "deny":
+        return _result(rule, "deny", f"local time {clocks} outside {window}")
+    until = next_window_start(ctx.now, ctx.patient.zones, start, end)
+    if until is None:
+        every = ", ".join(ctx.patient.zones)
+        return _result(rule, "deny", f"{window} never holds in all of {every} within 7 days")
+    first = until.astimezone(local[0].tzinfo)
+    message = f"local time {clocks} outside {window}; next {first:%Y-%m-%d %H:%M} {first.tzinfo}"
+    return _result(rule, "defer", message, until)
+
+
+_CHECKS: Mapping[str, Callable[[CompiledRule, _Evaluation], RuleResult]] = {
+    "consent": _check_consent,
+    "quiet_hours": _check_quiet_hours,
+    "frequency_cap": _check_frequency_cap,
+    "expression": _check_expression,
+}
+
+
+# --- local-time windows -------------------------------------------------------------------
+
+
+def in_window(clock: time, start: time, end: time) -> bool:
+    """Is the wall-clock time inside [start, end)? end < start is an overnight window."""
+    if start < end:
+        return start <= clock < end
+    return clock >= start or clock < end
+
+
+def next_window_start(
+    now: datetime,
+    zones: Sequence[str],
+    start: time,
+    end: time,
+    *,
+    horizon: timedelta = SEARCH_HORIZON,
+) -> datetime | None:
+    """For a `now` outside the window: the earliest later instant at which [start, end)
+    holds in every zone, or None if there is none within `horizon`.
+
+    The instants inside are an intersection of unions of intervals, so the first one after
+    `now` is where some zone's clock enters the window: at a window start (both folds on a
+    fall-back day) or at a DST transition (a start inside a spring-forward gap is entered
+    at the transition, the first valid instant after it). Those candidates are tried in order.
+    """
+    infos = [ZoneInfo(z) for z in zones]
+    limit = now + horizon
+    streams = [_window_starts(zone, now, start, horizon.days + 2) for zone in infos]
+    streams.extend(_transitions(zone, now, limit) for zone in infos)
+    for instant in heapq.merge(*streams):
+        if instant > limit:
+            return None
+        inside = (in_window(instant.astimezone(z).time(), start, end) for z in infos)
+        if instant > now and all(inside):
+            return instant
+    return None
+
+
+def _window_starts(zone: ZoneInfo, now: datetime, clock: time, days: int) -> Iterator[datetime]:
+    """In order, the UTC instants at which the zone's clock shows `clock`, from the day
+    before `now` on: one a day, two on a fall-back day, none on a spring-forward gap."""
+    first = now.astimezone(zone).date() - timedelta(days=1)
+    for offset in range(days + 1):
+        naive = datetime.combine(first + timedelta(days=offset), clock)
+        seen = None
+        for fold in (0, 1):
+            instant = naive.replace(tzinfo=zone, fold=fold).astimezone(UTC)
+            if instant != seen and instant.astimezone(zone).replace(tzinfo=None) == naive:
+                yield instant
+            seen = instant
+
+
+def _transitions(zone: ZoneInfo, after: datetime, until: datetime) -> list[datetime]:
+    """The zone's UTC-offset change in (after, until], to the second (at most one is
+    looked for: no zone changes twice within the week searched)."""
+    lo, hi = int(after.timestamp()), int(until.timestamp())
+    if _offset(zone, lo) == _offset(zone, hi):
+        return []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _offset(zone, mid) == _offset(zone, lo) else (lo, mid)
+    return [datetime.fromtimestamp(hi, UTC)]
+
+
+def _offset(zone: ZoneInfo, timestamp: int) -> timedelta | None:
+    return datetime.fromtimestamp(timestamp, zone).utcoffset()
+
+
+def format_duration(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

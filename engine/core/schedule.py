@@ -1,0 +1,170 @@
+"""Occurrences of a campaign for one patient, and local wall-clock times in UTC.
+
+Local times are converted with zoneinfo. A wall-clock time that does not exist (the spring
+forward gap) moves forward by the gap (02:30 -> 03:30); an ambiguous one (fall back) is
+its first occurrence (PEP 495 fold=0 gives exactly both).
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from engine.core.domain import Appointment, Campaign, Occurrence, Patient, Prescription, Schedule
+
+Anchor = Prescription | Appointment | None
+
+
+def to_utc(local_date: date, at: time, zone: str) -> datetime:
+    """The UTC instant of `at` on `local_date` in `zone` (gap: forward by the gap; fold: first)."""
+    local = datetime.combine(local_date, at.replace(tzinfo=None, fold=0), tzinfo=ZoneInfo(zone))
+    return local.astimezone(UTC)
+
+
+def local_fields(now: datetime, zone: str) -> dict[str, int | str]:
+    """The patient's local clock at `now`: hour, minute, weekday (ISO, 1=Mon..7=Sun), date."""
+    local = _aware(now, "now").astimezone(ZoneInfo(zone))
+    return {
+        "hour": local.hour,
+        "minute": local.minute,
+        "weekday": local.isoweekday(),
+        "date": local.date().isoformat(),
+    }
+
+
+def next_local_time(after: datetime, zone: str, at: time) -> datetime:
+    """The first instant >= `after` (UTC) at which the wall clock in `zone` reads `at`.
+
+    On a spring-forward day a time in the gap counts at the instant it was skipped to; on a
+    fall-back day both instants of an ambiguous time count.
+    """
+    after = _aware(after, "after")
+    tz = ZoneInfo(zone)
+    start = after.astimezone(tz).date()
+    candidates = []
+    for day in (start + timedelta(days=n) for n in range(-1, 3)):
+        first = datetime.combine(day, at.replace(tzinfo=None, fold=0), tzinfo=tz)
+        second = first.replace(fold=1)
+        candidates.append(first.astimezone(UTC))
+        if not _in_gap(first) and first.utcoffset() != second.utcoffset():
+            candidates.append(second.astimezone(UTC))
+    return min(c for c in candidates if c >= after)
+
+
+def _in_gap(local: datetime) -> bool:
+    back = local.astimezone(UTC).astimezone(local.tzinfo)
+    return back.replace(tzinfo=None) != local.replace(tzinfo=None)
+
+
+def anchor_key(anchor: Anchor) -> str:
+    """The anchor's stable name in keys: "prescription:<rx_id>", "appointment:<id>" or "none"."""
+    if isinstance(anchor, Prescription):
+        return f"prescription:{anchor.rx_id}"
+    if isinstance(anchor, Appointment):
+        return f"appointment:{anchor.appointment_id}"
+    return "none"
+
+
+def idempotency_key(campaign_id: str, patient_external_id: str, anchor: str, label: str) -> str:
+    """One message per occurrence ever: the first 32 hex digits of the sha256 of the JSON array
+    [campaign, patient, anchor, label] (JSON quoting keeps the join unambiguous).
+
+    It deliberately leaves out the campaign version, template, time zone and send time, so
+    edits and re-plans never produce a second message for the same occurrence.
+    """
+    fields = json.dumps([campaign_id, patient_external_id, anchor, label], ensure_ascii=False)
+    return hashlib.sha256(fields.encode("utf-8")).hexdigest()[:32]
+
+
+def occurrences(
+    campaign: Campaign,
+    patient: Patient,
+    anchor: Anchor,
+    *,
+    not_after: datetime,
+    alive_at: datetime,
+) -> list[Occurrence]:
+    """Every occurrence due at or before `not_after` and not yet expired at `alive_at`.
+
+    Send times are computed in the patient's first zone (`patient.zones[0]`).
+    """
+    not_after, alive_at = _aware(not_after, "not_after"), _aware(alive_at, "alive_at")
+    _check_anchor(campaign, anchor)
+    zone = patient.zones[0]
+    key_anchor = anchor_key(anchor)
+    found = []
+    for label, day in _local_dates(campaign.schedule, anchor, zone):
+        due_at = to_utc(day, campaign.schedule.at, zone)
+        expires_at = due_at + campaign.expires_after
+        if due_at <= not_after and expires_at > alive_at:
+            key = idempotency_key(campaign.id, patient.external_id, key_anchor, label)
+            found.append(
+                Occurrence(
+                    campaign=campaign.id,
+                    patient=patient.external_id,
+                    anchor=key_anchor,
+                    label=label,
+                    due_at=due_at,
+                    expires_at=expires_at,
+                    idempotency_key=key,
+                )
+            )
+    return sorted(found, key=lambda o: (o.due_at, o.label))
+
+
+def _check_anchor(campaign: Campaign, anchor: Anchor) -> None:
+    expected = {"prescription": Prescription, "appointment": Appointment, "none": type(None)}
+    if not isinstance(anchor, expected[campaign.anchor]):
+        raise ValueError(
+            f"campaign {campaign.id!r} is anchored on {campaign.anchor!r}, "
+            f"got {type(anchor).__name__}"
+        )
+
+
+def _local_dates(schedule: Schedule, anchor: Anchor, zone: str) -> list[tuple[str, date]]:
+    if schedule.kind == "relative":
+        base = _anchor_date(schedule.relative_to, anchor, zone)
+        return [(f"{offset:+d}d", base + timedelta(days=offset)) for offset in schedule.offsets]
+    if schedule.kind == "recurring":
+        return [(day.isoformat(), day) for day in _recurring_dates(schedule, anchor, zone)]
+    if schedule.on is None:
+        raise ValueError("a 'once' schedule needs 'on'")
+    return [("once", schedule.on)]
+
+
+def _recurring_dates(schedule: Schedule, anchor: Anchor, zone: str) -> list[date]:
+    if schedule.every is None or schedule.count is None or schedule.start is None:
+        raise ValueError("a 'recurring' schedule needs 'every', 'start' and 'count'")
+    start = schedule.start
+    if isinstance(start, str):
+        start = _anchor_date(start, anchor, zone)
+    if schedule.every == "month":
+        return [_add_months(start, n) for n in range(schedule.count)]
+    step = timedelta(days=7 if schedule.every == "week" else 1)
+    return [start + step * n for n in range(schedule.count)]
+
+
+def _add_months(start: date, months: int) -> date:
+    """Same day of month `months` later, clipped to that month's last day (Jan 31 -> Feb 28)."""
+    year, month = divmod(start.month - 1 + months, 12)
+    year, month = start.year + year, month + 1
+    return date(year, month, min(start.day, calendar.monthrange(year, month)[1]))
+
+
+def _anchor_date(field: str | None, anchor: Anchor, zone: str) -> date:
+    """The anchor's local date: a refill date as is, an appointment's start in `zone`."""
+    if field == "prescription.refill_due" and isinstance(anchor, Prescription):
+        return anchor.refill_due
+    if field == "appointment.starts_at" and isinstance(anchor, Appointment):
+        starts_at = _aware(anchor.starts_at, "appointment.starts_at")
+        return starts_at.astimezone(ZoneInfo(zone)).date()
+    raise ValueError(f"schedule refers to {field!r}, which the anchor does not have")
+
+
+def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime")
+    return value

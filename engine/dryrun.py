@@ -1,0 +1,171 @@
+"""Dry-run: decide every occurrence the planner would handle at a time, writing nothing.
+
+"As if nothing had been sent yet": the history is empty, so frequency caps see only what
+the dry-run itself would send to the same patient earlier in the same run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
+from typing import Any
+
+from engine.core import schedule
+from engine.core.cel_context import CompiledExpression, audience_variables
+from engine.core.domain import (
+    Appointment,
+    Campaign,
+    ConsentState,
+    History,
+    Patient,
+    Prescription,
+    SentMessage,
+)
+from engine.core.policy import RULE_ERRORS
+from engine.definitions import DefinitionSet
+from engine.evaluate import Evaluation, evaluate_occurrence
+from engine.variables import PREVIEW_LINK_TOKEN
+
+Anchor = Prescription | Appointment | None
+ConsentLookup = Callable[[list[int]], Mapping[int, Mapping[str, ConsentState]]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A patient row as the store streams it."""
+
+    row_id: int
+    patient: Patient
+    prescriptions: tuple[Prescription, ...] = ()
+    appointments: tuple[Appointment, ...] = ()
+
+
+@dataclass
+class DryRunSummary:
+    outcomes: Counter[str] = field(default_factory=Counter)
+    deciding_rules: Counter[str] = field(default_factory=Counter)
+    patients_seen: int = 0
+    in_audience: int = 0
+    unapproved_templates: set[str] = field(default_factory=set)
+    audience_errors: int = 0
+
+    def add(self, evaluation: Evaluation) -> None:
+        decision = evaluation.decision
+        self.outcomes[decision.outcome] += 1
+        if decision.outcome != "allow":
+            self.deciding_rules[decision.deciding_rule or "?"] += 1
+        if not evaluation.approved:
+            t = evaluation.template
+            self.unapproved_templates.add(f"{t.file} ({t.version})")
+
+
+def anchors_of(campaign: Campaign, candidate: Candidate) -> tuple[Anchor, ...]:
+    if campaign.anchor == "prescription":
+        return candidate.prescriptions
+    if campaign.anchor == "appointment":
+        return candidate.appointments
+    return (None,)
+
+
+def preview_link(defs: DefinitionSet, public_url: str, campaign: Campaign) -> str | None:
+    """A stand-in of the real link's length: dry-runs and previews mint no tokens."""
+    return f"{public_url}/s/{PREVIEW_LINK_TOKEN}" if campaign.link else None
+
+
+def dry_run(
+    defs: DefinitionSet,
+    *,
+    campaign: Campaign,
+    candidates: Iterable[Candidate],
+    consents_for: ConsentLookup,
+    at: datetime,
+    approved_versions: Collection[str],
+    public_url: str,
+    summary: DryRunSummary,
+    batch_size: int = 1000,
+) -> Iterator[Evaluation]:
+    """Yield an evaluation per occurrence due at or before `at` and alive at `at`."""
+    audience = defs.audiences.get(campaign.id)
+    link = preview_link(defs, public_url, campaign)
+    iterator = iter(candidates)
+    while batch := list(islice(iterator, batch_size)):
+        consents = consents_for([c.row_id for c in batch])
+        for candidate in batch:
+            summary.patients_seen += 1
+            sent: list[SentMessage] = []
+            seen_in_audience = False
+            for anchor in anchors_of(campaign, candidate):
+                if audience is not None and not _in_audience(
+                    audience, candidate, anchor, at, summary
+                ):
+                    continue
+                seen_in_audience = True
+                found = schedule.occurrences(
+                    campaign, candidate.patient, anchor, not_after=at, alive_at=at
+                )
+                for occurrence in found:
+                    evaluation = evaluate_occurrence(
+                        defs,
+                        campaign=campaign,
+                        patient=candidate.patient,
+                        anchor=anchor,
+                        occurrence=occurrence,
+                        consents=consents.get(candidate.row_id, {}),
+                        history=History(tuple(sent)),
+                        now=at,
+                        approved_versions=approved_versions,
+                        link=link,
+                    )
+                    if evaluation.decision.outcome == "allow":
+                        sent.append(SentMessage(at, campaign.purpose))
+                    summary.add(evaluation)
+                    yield evaluation
+            summary.in_audience += seen_in_audience
+
+
+def _in_audience(
+    audience: CompiledExpression,
+    candidate: Candidate,
+    anchor: Anchor,
+    at: datetime,
+    summary: DryRunSummary,
+) -> bool:
+    """The campaign's audience `where`; an error evaluating it leaves the patient out."""
+    try:
+        return audience.evaluate(audience_variables(candidate.patient, anchor, at)) is True
+    except RULE_ERRORS:
+        summary.audience_errors += 1
+        return False
+
+
+def decision_json(evaluation: Evaluation) -> dict[str, Any]:
+    """One entry of `dry-run --json`'s `decisions`, as DESIGN.md specifies (plus extras)."""
+    o, d, r = evaluation.occurrence, evaluation.decision, evaluation.rendered
+    return {
+        "patient": o.patient,
+        "occurrence": f"{o.anchor}/{o.label}",
+        "idempotency_key": o.idempotency_key,
+        "due_at": o.due_at.isoformat(),
+        "outcome": d.outcome,
+        "send_at": d.send_at.isoformat() if d.send_at else None,
+        "template": evaluation.template.id,
+        "template_version": evaluation.template.version,
+        "approved": evaluation.approved,
+        "locale": evaluation.template.locale,
+        "segments": r.segments if r else None,
+        "encoding": r.encoding if r else None,
+        "text": r.text if r else None,
+        "reasons": [
+            {
+                "rule": x.rule,
+                "policy": x.policy,
+                "effect": x.effect,
+                "message": x.message,
+                "cite": x.cite,
+            }
+            for x in d.reasons
+        ],
+    }

@@ -1,0 +1,63 @@
+"""The edges wired together for one process: database, keys, active definitions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.crypto import KeyConfigError, Keyring, load_keys
+from engine.definitions import DefinitionSet
+from engine.settings import Settings
+from engine.store import db
+from engine.store.defqueries import active_definitions
+
+
+class UsageProblem(click.ClickException):
+    """A request the user can fix: unknown id, missing setup. Exit status 2."""
+
+    exit_code = 2
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    _defs: DefinitionSet | None = field(default=None, init=False)
+
+    @cached_property
+    def engine(self) -> Engine:
+        if self.settings.database_url.startswith("sqlite:///"):
+            self.settings.var_dir.mkdir(parents=True, exist_ok=True)
+        return db.make_engine(self.settings.database_url)
+
+    @cached_property
+    def session_factory(self) -> sessionmaker[Session]:
+        return db.make_session_factory(self.engine)
+
+    @cached_property
+    def keyring(self) -> Keyring:
+        try:
+            return load_keys(self.settings)
+        except KeyConfigError as exc:
+            raise UsageProblem(f"{exc} (run `engage init` to create keys)") from exc
+
+    def require_schema(self) -> None:
+        if db.current_revision(self.engine) is None:
+            raise UsageProblem("the database has no schema yet: run `engage init`")
+
+    def definitions(self, session: Session) -> DefinitionSet:
+        """The active set stored by the last `engage sync`."""
+        if self._defs is None:
+            self.require_schema()
+            self._defs = active_definitions(session=session)
+        if self._defs is None:
+            raise UsageProblem("no definitions are active: run `engage sync`")
+        return self._defs

@@ -1,0 +1,462 @@
+"""Keyword-only queries over the store; identifiers go in and come out decrypted.
+
+Batch functions (`upsert_patients`, `upsert_prescriptions`, ...) do one SELECT per chunk
+of records, so imports and planners never issue a query per row. Nothing here commits:
+the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import Select, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from engine.core import domain
+from engine.core.consent import current_consents
+from engine.crypto import Keyring, PatientCipher
+from engine.store import codec
+from engine.store import models as m
+from engine.store.codec import PatientRecord, SlotRecord
+
+__all__ = ["PatientData", "PatientRecord", "SlotRecord"]  # and the functions below
+
+Change = Literal["imported", "updated", "unchanged", "erased", "conflict"]
+ConsentKey = tuple[int, str, str, datetime]
+CHUNK = 500
+T = TypeVar("T")
+
+
+class UnknownPatient(LookupError):
+    def __init__(self, external_id: str) -> None:
+        super().__init__(f"unknown patient {external_id}")
+        self.external_id = external_id
+
+
+class PatientErased(LookupError):
+    def __init__(self, external_id: str) -> None:
+        super().__init__(f"patient {external_id} has been erased")
+        self.external_id = external_id
+
+
+@dataclass(frozen=True)
+class PatientData:
+    """One patient with their prescriptions and appointments, as iter_patients yields it."""
+
+    id: int
+    patient: domain.Patient
+    prescriptions: tuple[domain.Prescription, ...] = ()
+    appointments: tuple[domain.Appointment, ...] = ()
+
+
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _existing(session: Session, columns: tuple[Any, ...], keys: Iterable[tuple[Any, ...]]) -> dict:
+    """Rows of the columns' table whose `columns` values are among `keys`, by key."""
+    model = columns[0].class_
+    found: dict[tuple[Any, ...], Any] = {}
+    for chunk in _chunks(sorted(set(keys))):
+        for row in session.scalars(select(model).where(tuple_(*columns).in_(chunk))):
+            found[tuple(getattr(row, c.key) for c in columns)] = row
+    return found
+
+
+# --- data keys -----------------------------------------------------------------------------
+
+
+def ciphers_for(
+    *, session: Session, keyring: Keyring, patient_ids: Iterable[int]
+) -> dict[int, PatientCipher]:
+    """Unwrapped ciphers by patient row id; erased patients (key destroyed) are absent."""
+    ciphers: dict[int, PatientCipher] = {}
+    for chunk in _chunks(sorted(set(patient_ids))):
+        rows = session.execute(
+            select(m.Patient.id, m.Patient.external_id, m.PatientKey.wrapped_key)
+            .add_columns(m.PatientKey.master_key_id)
+            .join(m.PatientKey, m.PatientKey.patient_id == m.Patient.id)
+            .where(m.Patient.id.in_(chunk), m.PatientKey.wrapped_key.is_not(None))
+        )
+        for pid, external_id, wrapped, key_id in rows:
+            ciphers[pid] = keyring.cipher(wrapped, patient_id=external_id, master_key_id=key_id)
+    return ciphers
+
+
+def cipher_for(*, session: Session, keyring: Keyring, patient: m.Patient) -> PatientCipher:
+    """The patient's cipher, e.g. to seal an outbox body; PatientErased after erasure."""
+    cipher = ciphers_for(session=session, keyring=keyring, patient_ids=[patient.id]).get(patient.id)
+    if cipher is None:
+        raise PatientErased(patient.external_id)
+    return cipher
+
+
+# --- patients ------------------------------------------------------------------------------
+
+
+def patient_by_external_id(*, session: Session, external_id: str) -> m.Patient | None:
+    return session.scalar(select(m.Patient).where(m.Patient.external_id == external_id))
+
+
+def patient_ids_for(*, session: Session, external_ids: Iterable[str]) -> dict[str, int]:
+    """Row ids of the patients that exist among `external_ids`."""
+    rows = _existing(session, (m.Patient.external_id,), ((e,) for e in external_ids))
+    return {key[0]: row.id for key, row in rows.items()}
+
+
+def _require_patient(session: Session, external_id: str) -> int:
+    row = patient_by_external_id(session=session, external_id=external_id)
+    if row is None:
+        raise UnknownPatient(external_id)
+    return row.id
+
+
+def upsert_patients(
+    *, session: Session, keyring: Keyring, records: Sequence[PatientRecord]
+) -> list[Change]:
+    """Insert or update by external id, creating each new patient's data key.
+
+    Attributes merge into the stored ones (a None value removes one); the other fields
+    are replaced. Returns one change per record; erased patients are left untouched.
+    """
+    keys = ((r.patient.external_id,) for r in records)
+    rows = {k[0]: row for k, row in _existing(session, (m.Patient.external_id,), keys).items()}
+    by_id = ciphers_for(session=session, keyring=keyring, patient_ids=(r.id for r in rows.values()))
+    ciphers = {rows_key: by_id[row.id] for rows_key, row in rows.items() if row.id in by_id}
+    changes: list[Change] = []
+    new_keys: list[tuple[m.Patient, bytes, str]] = []
+    for record in records:
+        external_id = record.patient.external_id
+        if external_id not in rows:
+            dek, wrapped, key_id = keyring.new_data_key(patient_id=external_id)
+            rows[external_id] = m.Patient(external_id=external_id)
+            ciphers[external_id] = PatientCipher(dek, patient_id=external_id)
+            _write_patient(rows[external_id], ciphers[external_id], record, keyring)
+            session.add(rows[external_id])
+            new_keys.append((rows[external_id], wrapped, key_id))
+            changes.append("imported")
+        else:
+            row, cipher = rows[external_id], ciphers.get(external_id)
+            changes.append(_update_patient(row, cipher, record, keyring))
+    session.flush()
+    session.add_all(
+        m.PatientKey(patient_id=row.id, wrapped_key=wrapped, master_key_id=key_id)
+        for row, wrapped, key_id in new_keys
+    )
+    session.flush()
+    return changes
+
+
+def _write_patient(
+    row: m.Patient, cipher: PatientCipher, record: PatientRecord, keyring: Keyring
+) -> None:
+    codec.seal_patient(row, cipher, record)
+    row.phone_index = keyring.phone_index(record.phone) if record.phone else None
+
+
+def _update_patient(
+    row: m.Patient, cipher: PatientCipher | None, record: PatientRecord, keyring: Keyring
+) -> Change:
+    if cipher is None or row.erased_at is not None:
+        return "erased"
+    current = codec.open_patient(row, cipher)
+    attrs = {**current.patient.attributes, **record.patient.attributes}
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    record = replace(record, patient=replace(record.patient, attributes=attrs))
+    if record == current:
+        return "unchanged"
+    _write_patient(row, cipher, record, keyring)
+    return "updated"
+
+
+def upsert_patient(*, session: Session, keyring: Keyring, record: PatientRecord) -> Change:
+    return upsert_patients(session=session, keyring=keyring, records=[record])[0]
+
+
+def load_patient_record(
+    *, session: Session, keyring: Keyring, external_id: str
+) -> PatientRecord | None:
+    """The decrypted patient and phone, None when unknown; PatientErased after erasure."""
+    row = patient_by_external_id(session=session, external_id=external_id)
+    if row is None:
+        return None
+    return codec.open_patient(row, cipher_for(session=session, keyring=keyring, patient=row))
+
+
+def load_patient(*, session: Session, keyring: Keyring, external_id: str) -> domain.Patient | None:
+    """The decrypted patient, None when unknown; PatientErased after erasure."""
+    record = load_patient_record(session=session, keyring=keyring, external_id=external_id)
+    return record.patient if record else None
+
+
+def iter_patients(
+    *, session: Session, keyring: Keyring, batch_size: int = 1000, where: Any = None
+) -> Iterator[PatientData]:
+    """Stream every patient not erased, with prescriptions and appointments.
+
+    Rows come `batch_size` at a time (a server-side cursor on PostgreSQL) and their
+    clinical records one query per batch: memory stays flat for any population.
+    `where` is an optional SQLAlchemy criterion on models.Patient.
+    """
+    stmt = select(m.Patient).where(m.Patient.erased_at.is_(None)).order_by(m.Patient.id)
+    if where is not None:
+        stmt = stmt.where(where)
+    result = session.execute(stmt.execution_options(yield_per=batch_size))
+    for partition in result.scalars().partitions():
+        yield from _patient_batch(session, keyring, partition)
+
+
+def _patient_batch(
+    session: Session, keyring: Keyring, rows: Sequence[m.Patient]
+) -> Iterator[PatientData]:
+    ids = [row.id for row in rows]
+    ciphers = ciphers_for(session=session, keyring=keyring, patient_ids=ids)
+    rx: dict[int, list[domain.Prescription]] = defaultdict(list)
+    for p in session.scalars(_of_patients(m.Prescription, ids).order_by(m.Prescription.id)):
+        if p.patient_id in ciphers:
+            rx[p.patient_id].append(codec.open_prescription(p, ciphers[p.patient_id]))
+    appts: dict[int, list[domain.Appointment]] = defaultdict(list)
+    for a in session.scalars(_of_patients(m.Appointment, ids).order_by(m.Appointment.starts_at)):
+        appts[a.patient_id].append(codec.to_appointment(a))
+    for row in rows:
+        if row.id in ciphers:
+            yield PatientData(
+                id=row.id,
+                patient=codec.open_patient(row, ciphers[row.id]).patient,
+                prescriptions=tuple(rx[row.id]),
+                appointments=tuple(appts[row.id]),
+            )
+
+
+def _of_patients(model: Any, ids: Sequence[int]) -> Select[Any]:
+    return select(model).where(model.patient_id.in_(ids))
+
+
+def patients_by_phone(*, session: Session, keyring: Keyring, e164: str) -> list[domain.Patient]:
+    """Every patient (not erased) using this number, found by its blind index."""
+    index = keyring.phone_index(e164)
+    stmt = select(m.Patient).where(m.Patient.phone_index == index, m.Patient.erased_at.is_(None))
+    rows = session.scalars(stmt.order_by(m.Patient.id)).all()
+    ciphers = ciphers_for(session=session, keyring=keyring, patient_ids=[r.id for r in rows])
+    return [codec.open_patient(r, ciphers[r.id]).patient for r in rows if r.id in ciphers]
+
+
+# --- prescriptions, appointments, slots ----------------------------------------------------
+
+
+def upsert_prescriptions(
+    *, session: Session, keyring: Keyring, items: Sequence[tuple[int, domain.Prescription]]
+) -> list[Change]:
+    """Insert or update by (patient row id, rx_id); the medication is sealed."""
+    ciphers = ciphers_for(session=session, keyring=keyring, patient_ids=(p for p, _ in items))
+    cols = (m.Prescription.patient_id, m.Prescription.rx_id)
+    rows = _existing(session, cols, ((pid, rx.rx_id) for pid, rx in items))
+    changes: list[Change] = []
+    for pid, rx in items:
+        cipher, row = ciphers.get(pid), rows.get((pid, rx.rx_id))
+        if cipher is None:
+            changes.append("erased")
+            continue
+        if row is None:
+            row = rows[(pid, rx.rx_id)] = m.Prescription(patient_id=pid, rx_id=rx.rx_id)
+            session.add(row)
+        elif codec.open_prescription(row, cipher) == rx:
+            changes.append("unchanged")
+            continue
+        changes.append("updated" if row.id else "imported")
+        codec.seal_prescription(row, cipher, rx)
+    session.flush()
+    return changes
+
+
+def upsert_prescription(
+    *,
+    session: Session,
+    keyring: Keyring,
+    patient_external_id: str,
+    prescription: domain.Prescription,
+) -> Change:
+    items = [(_require_patient(session, patient_external_id), prescription)]
+    return upsert_prescriptions(session=session, keyring=keyring, items=items)[0]
+
+
+def upsert_appointments(
+    *, session: Session, items: Sequence[tuple[int, domain.Appointment]]
+) -> list[Change]:
+    """Insert or update by appointment_id; one held by another patient is a "conflict"."""
+    keys = ((a.appointment_id,) for _, a in items)
+    rows = {k[0]: r for k, r in _existing(session, (m.Appointment.appointment_id,), keys).items()}
+    changes: list[Change] = []
+    for pid, appt in items:
+        row = rows.get(appt.appointment_id)
+        if row is None:
+            row = rows[appt.appointment_id] = m.Appointment(
+                patient_id=pid, appointment_id=appt.appointment_id
+            )
+            session.add(row)
+        elif row.patient_id != pid or codec.to_appointment(row) == appt:
+            changes.append("conflict" if row.patient_id != pid else "unchanged")
+            continue
+        changes.append("updated" if row.id else "imported")
+        codec.set_appointment(row, appt)
+    session.flush()
+    return changes
+
+
+def upsert_appointment(
+    *, session: Session, patient_external_id: str, appointment: domain.Appointment
+) -> Change:
+    items = [(_require_patient(session, patient_external_id), appointment)]
+    return upsert_appointments(session=session, items=items)[0]
+
+
+def upsert_slots(*, session: Session, slots: Sequence[SlotRecord]) -> list[Change]:
+    """Insert or update slots by slot_id; a booking on a slot is never touched."""
+    keys = ((s.slot_id,) for s in slots)
+    rows = {k[0]: r for k, r in _existing(session, (m.Slot.slot_id,), keys).items()}
+    changes: list[Change] = []
+    for slot in slots:
+        row = rows.get(slot.slot_id)
+        if row is None:
+            row = rows[slot.slot_id] = m.Slot(slot_id=slot.slot_id)
+            session.add(row)
+        elif codec.to_slot(row) == slot:
+            changes.append("unchanged")
+            continue
+        changes.append("updated" if row.id else "imported")
+        codec.set_slot(row, slot)
+    session.flush()
+    return changes
+
+
+def upsert_slot(*, session: Session, slot: SlotRecord) -> Change:
+    return upsert_slots(session=session, slots=[slot])[0]
+
+
+# --- consent ---------------------------------------------------------------------------------
+
+
+def record_consent_events(
+    *,
+    session: Session,
+    keyring: Keyring,
+    items: Sequence[tuple[int, domain.ConsentEvent]],
+    source: str | None = None,
+) -> list[m.ConsentEvent]:
+    """Append events (by patient row id) to the ledger; the evidence is sealed."""
+    ciphers = ciphers_for(session=session, keyring=keyring, patient_ids=(p for p, _ in items))
+    missing = [event.patient for pid, event in items if pid not in ciphers]
+    if missing:
+        raise PatientErased(missing[0])
+    rows = [codec.consent_row(pid, event, ciphers[pid], source) for pid, event in items]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def record_consent_event(
+    *, session: Session, keyring: Keyring, event: domain.ConsentEvent, source: str | None = None
+) -> m.ConsentEvent:
+    """Append one event for `event.patient` (an external id); UnknownPatient if none."""
+    items = [(_require_patient(session, event.patient), event)]
+    return record_consent_events(session=session, keyring=keyring, items=items, source=source)[0]
+
+
+def _ledger(patient_ids: Sequence[int]) -> Select[tuple[m.ConsentEvent, str]]:
+    return (
+        select(m.ConsentEvent, m.Patient.external_id)
+        .join(m.Patient, m.Patient.id == m.ConsentEvent.patient_id)
+        .where(m.ConsentEvent.patient_id.in_(patient_ids))
+        .order_by(m.ConsentEvent.id)
+    )
+
+
+def consent_events_for(
+    *, session: Session, keyring: Keyring, patient_id: int | str
+) -> list[domain.ConsentEvent]:
+    """The patient's ledger in recorded order; `patient_id` is a row id or an external id.
+
+    Evidence is None once the patient's key has been destroyed.
+    """
+    pid = _require_patient(session, patient_id) if isinstance(patient_id, str) else patient_id
+    cipher = ciphers_for(session=session, keyring=keyring, patient_ids=[pid]).get(pid)
+    rows = session.execute(_ledger([pid])).tuples()
+    return [codec.to_consent_event(row, external_id, cipher) for row, external_id in rows]
+
+
+def current_consents_for(
+    *,
+    session: Session,
+    keyring: Keyring,
+    patient_external_id: str,
+    purposes: Iterable[str],
+    channel: str = "sms",
+) -> Mapping[str, domain.ConsentState]:
+    """Current consent per purpose, derived from the ledger (engine.core.consent)."""
+    events = consent_events_for(session=session, keyring=keyring, patient_id=patient_external_id)
+    return current_consents(events, purposes=purposes, channel=channel)
+
+
+def consent_states_for_many(
+    *, session: Session, patient_ids: Sequence[int], purposes: Iterable[str], channel: str = "sms"
+) -> dict[int, Mapping[str, domain.ConsentState]]:
+    """Current consent for many patients (by row id), one query per chunk of patients.
+
+    No key is unwrapped: states do not need the evidence.
+    """
+    purposes = tuple(purposes)
+    ledgers: dict[int, list[domain.ConsentEvent]] = {pid: [] for pid in patient_ids}
+    for chunk in _chunks(list(patient_ids)):
+        for row, external_id in session.execute(_ledger(chunk)).tuples():
+            ledgers[row.patient_id].append(codec.to_consent_event(row, external_id))
+    return {
+        pid: current_consents(events, purposes=purposes, channel=channel)
+        for pid, events in ledgers.items()
+    }
+
+
+def consent_keys_for(*, session: Session, patient_ids: Iterable[int]) -> set[ConsentKey]:
+    """(patient row id, purpose, status, occurred_at) of every recorded event, for dedup."""
+    e = m.ConsentEvent
+    keys: set[ConsentKey] = set()
+    for chunk in _chunks(sorted(set(patient_ids))):
+        stmt = select(e.patient_id, e.purpose, e.status, e.occurred_at)
+        keys.update(session.execute(stmt.where(e.patient_id.in_(chunk))).tuples())
+    return keys
+
+
+# --- suppressions ----------------------------------------------------------------------------
+
+
+def add_suppression(*, session: Session, keyring: Keyring, e164: str, reason: str) -> bool:
+    """Never text this number again; False when it already was suppressed."""
+    index = keyring.phone_index(e164)
+    return suppress_phone_index(session=session, phone_index=index, reason=reason)
+
+
+def suppress_phone_index(*, session: Session, phone_index: str, reason: str) -> bool:
+    """Suppress by blind index (all erasure keeps); safe against concurrent inserts."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    stmt = (
+        dialect.insert(m.Suppression)
+        .values(phone_index=phone_index, reason=reason, created_at=m.utcnow())
+        .on_conflict_do_nothing(index_elements=["phone_index"])
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def is_suppressed(*, session: Session, keyring: Keyring, e164: str) -> bool:
+    index = keyring.phone_index(e164)
+    return bool(suppressed_indexes(session=session, phone_indexes=[index]))
+
+
+def suppressed_indexes(*, session: Session, phone_indexes: Iterable[str]) -> set[str]:
+    """The suppressed ones among `phone_indexes` (a batch check for planners)."""
+    rows = _existing(session, (m.Suppression.phone_index,), ((i,) for i in phone_indexes))
+    return {key[0] for key in rows}

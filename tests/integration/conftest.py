@@ -1,0 +1,111 @@
+"""Fixtures for integration tests: every test using them runs on SQLite AND PostgreSQL.
+
+    db_url           a fresh, empty database URL ("sqlite" or "postgresql" in the test id)
+    engine           an Engine on it, migrated to head (engine.store.db.upgrade)
+    session_factory  sessionmaker bound to `engine`
+    settings         engine.settings.Settings with var_dir, key files and database_url
+    keyring          engine.crypto.Keyring from freshly created key files (mode 0600)
+
+PostgreSQL: a database named engage_test_<random> is created for each test on the server
+named by ENGAGE_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test)
+and dropped afterwards. If the server cannot be reached the test FAILS; set
+ENGAGE_TEST_SKIP_POSTGRES=1 to skip the PostgreSQL half explicitly instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.crypto import Keyring, ensure_key_files, load_keys
+from engine.settings import Settings
+from engine.store.db import make_engine, make_session_factory, normalize_url, upgrade
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def postgres_admin_url() -> str:
+    return normalize_url(os.environ.get("ENGAGE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL))
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[Engine]:
+    """An AUTOCOMMIT engine on the test server, to create and drop databases."""
+    if os.environ.get("ENGAGE_TEST_SKIP_POSTGRES") == "1":
+        pytest.skip("PostgreSQL skipped: ENGAGE_TEST_SKIP_POSTGRES=1")
+    admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.fail(
+            f"PostgreSQL at {make_url(postgres_admin_url()).render_as_string()} is unreachable "
+            f"({exc.orig}). Start it, point ENGAGE_TEST_POSTGRES_URL at a server, or set "
+            "ENGAGE_TEST_SKIP_POSTGRES=1 to skip the PostgreSQL tests explicitly.",
+            pytrace=False,
+        )
+    yield admin
+    admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def db_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh empty database for this test; dropped afterwards on PostgreSQL."""
+    if db_backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'engage.db'}"
+        return
+    admin: Engine = request.getfixturevalue("postgres_admin")
+    name = f"engage_test_{secrets.token_hex(6)}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_admin_url()).set(database=name).render_as_string(False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on `db_url`, migrated to the head revision."""
+    eng = make_engine(db_url)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    var = tmp_path / "var"
+    return Settings(
+        var_dir=var,
+        database_url=db_url,
+        master_key_file=var / "master.key",
+        index_key_file=var / "index.key",
+    )
+
+
+@pytest.fixture
+def keyring(settings: Settings) -> Keyring:
+    ensure_key_files(settings)
+    return load_keys(settings)
