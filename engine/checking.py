@@ -68,6 +68,6 @@ def _run_policy_tests(defs: DefinitionSet, report: CheckReport) -> None:
             if not result.passed:
                 report.tests_failed += 1
                 error = SourceError(
-                    pol.file, result.test.line, f"test {result.test.name!r}: {result.message}"
+                    pol.file, result.line, f"test {result.name!r}: {result.message}"
                 )
                 report.errors.append(str(error))

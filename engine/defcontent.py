@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from engine.core import cel_context, domain, render
+from engine.core.lint import LintReport, lint
 from engine.defmodels import CampaignFile, TemplateFront
 from engine.defsource import Collector, SourceFile, content_hash, split_front_matter
 from engine.yamlsource import SourceError, SourceErrors, parse_yaml
@@ -18,12 +19,12 @@ def load_templates(
 ) -> tuple[
     dict[tuple[str, str], domain.Template],
     dict[tuple[str, str], render.CompiledTemplate],
-    dict[tuple[str, str], render.LintReport],
+    dict[tuple[str, str], LintReport],
 ]:
     """Parse, compile and lint every template; lint errors are load errors."""
     templates: dict[tuple[str, str], domain.Template] = {}
     compiled: dict[tuple[str, str], render.CompiledTemplate] = {}
-    reports: dict[tuple[str, str], render.LintReport] = {}
+    reports: dict[tuple[str, str], LintReport] = {}
     for rel in c.paths("templates", ".sms.j2"):
         text = c.sources[rel]
         template = _parse_template(c, rel, text, rel.rsplit("/", 1)[-1], purposes)
@@ -40,9 +41,7 @@ def load_templates(
                 )
             )
             continue
-        report = render.lint(
-            template, variables, opt_out_required=opt_out_required(template.purpose)
-        )
+        report = lint(template, variables, opt_out_required=opt_out_required(template.purpose))
         if report.errors:
             c.errors.extend(SourceError(rel, i.line, i.message) for i in report.errors)
             continue

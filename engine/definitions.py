@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.core import cel_context, domain, policy, policy_tests, render
+from engine.core.lint import LintReport
 from engine.defcontent import load_campaigns, load_templates
 from engine.defmodels import (
     DataFile,
@@ -34,6 +35,14 @@ class PolicyDef:
     version: str
     rules: tuple[domain.Rule, ...]
     tests: tuple[policy_tests.PolicyTest, ...]
+    field_lines: Mapping[tuple[str, str], int] = field(default_factory=dict)
+
+    def line_for(self, rule: domain.Rule, message: str) -> int:
+        """The line of the rule's field that an error message is about."""
+        for name in ("applies_to.where", "when"):
+            if f"{name}:" in message:
+                return self.field_lines.get((rule.id, name), rule.line)
+        return rule.line
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class DefinitionSet:
     policy_set: policy.CompiledPolicySet
     templates: Mapping[tuple[str, str], domain.Template]
     compiled_templates: Mapping[tuple[str, str], render.CompiledTemplate]
-    lint: Mapping[tuple[str, str], render.LintReport]
+    lint: Mapping[tuple[str, str], LintReport]
     campaigns: Mapping[str, domain.Campaign]
     audiences: Mapping[str, cel_context.CompiledExpression | None]
     files: tuple[SourceFile, ...] = field(default=())
@@ -201,8 +210,15 @@ def _load_policies(c: Collector, purposes: list[str]) -> list[PolicyDef]:
             policy_tests.policy_test_from_mapping(t.model_dump(), line=doc.line_of(("tests", i)))
             for i, t in enumerate(parsed.tests)
         )
+        field_lines = {
+            (r.id, name): doc.line_of(("rules", i, *name.split(".")))
+            for i, r in enumerate(parsed.rules)
+            for name in ("applies_to.where", "when")
+        }
         version = content_hash(c.sources[rel])
-        result.append(PolicyDef(parsed.id, parsed.description, doc.file, version, rules, tests))
+        result.append(
+            PolicyDef(parsed.id, parsed.description, doc.file, version, rules, tests, field_lines)
+        )
     seen: dict[str, str] = {}
     for p in result:
         if p.id in seen:
@@ -227,7 +243,7 @@ def _compile_policy_set(
             try:
                 policy.compile_policy_set([rule], purposes=purposes)
             except policy.PolicyError as exc:
-                c.errors.append(SourceError(pol.file, exc.line or rule.line, exc.message))
+                c.errors.append(SourceError(pol.file, pol.line_for(rule, exc.message), exc.message))
                 failed = True
     if failed:
         return None

@@ -217,7 +217,7 @@ def parse_prescription(values: Mapping[str, str]) -> tuple[str, domain.Prescript
     rx = domain.Prescription(
         rx_id=row.take("rx_id", identifier) or "",
         medication=row.take("medication", required_text) or "",
-        medication_class=(row.take("medication_class", identifier) or "").lower(),
+        medication_class=row.take("medication_class", identifier) or "",
         refill_due=row.take("refill_due", required_date) or date.min,
         status=row.take("status", one_of(PRESCRIPTION_STATUSES, "active")) or "",
     )

@@ -160,11 +160,20 @@ def import_files(
         if source.error:
             file_report.error = source.error
             continue
+        rejections: list[Rejection] = []
         with session_factory() as session:
             context = replace(context, source=f"import:{source.path.name}")
-            run = _FileImport(source, session, context, file_report, report.rejections)
+            run = _FileImport(source, session, context, file_report, rejections)
             run.run(show_progress=progress, batch_size=batch_size)
+        report.rejections += sorted(rejections, key=lambda r: _position(r.row))
     return report
+
+
+def _position(label: Label) -> int:
+    """Where a rejected row is in its file: the CSV line, or the FHIR entry index."""
+    if isinstance(label, int):
+        return label
+    return int(label.removeprefix("entry[").partition("]")[0])
 
 
 # --- sources ---------------------------------------------------------------------------------

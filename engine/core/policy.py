@@ -6,10 +6,9 @@ Deny overrides defer overrides allow. A rule that fails while being evaluated de
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import cel
@@ -32,6 +31,7 @@ from engine.core.domain import (
     Rule,
     RuleResult,
 )
+from engine.core.quiet_hours import SEARCH_HORIZON, in_window, next_window_start
 
 __all__ = [
     "CompiledPolicySet",
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 KINDS = ("consent", "quiet_hours", "frequency_cap", "expression")
-SEARCH_HORIZON = timedelta(days=7)
 
 # What CEL (common-expression-language 0.10) raises at run time, found by experiment:
 # KeyError (missing map key), IndexError, TypeError ("No such overload", null member access),
@@ -60,7 +59,12 @@ class CompiledRule:
     when: CompiledExpression | None
     count_purposes: frozenset[str] | None
     detail: str = ""
-    """Precomputed message text: the purposes for a skip, the window, the cap's scope."""
+    """Precomputed message text: the window, the cap's scope."""
+    memo: dict[tuple[object, ...], RuleResult] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """Results that depend only on the key (a skip, a consent that holds, a false `when`):
+    made once, since building a RuleResult costs about as much as evaluating the rule."""
 
 
 @dataclass(frozen=True)
@@ -235,10 +239,9 @@ def _evaluate(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
     purpose = evaluation.ctx.message.purpose
     try:
         if compiled.purposes is not None and purpose not in compiled.purposes:
-            listed = ", ".join(rule.applies_to.purposes or ())
-            return _result(rule, "skip", f"purpose {purpose} is not {listed}")
+            return _memo(compiled, ("purpose", purpose), "skip", _skip_purpose, purpose)
         if compiled.where is not None and not evaluation.holds(compiled.where):
-            return _result(rule, "skip", f"where is false: {compiled.where.source}")
+            return _memo(compiled, ("where",), "skip", _skip_where)
         return _CHECKS[rule.kind](compiled, evaluation)
     except RULE_ERRORS as exc:  # fail closed: a rule that cannot be evaluated denies
         return _result(rule, "deny", f"policy-error: {type(exc).__name__}: {exc}")
@@ -248,6 +251,30 @@ def _result(
     rule: Rule, effect: str, message: str, defer_until: datetime | None = None
 ) -> RuleResult:
     return RuleResult(rule.id, rule.policy, effect, message, rule.cite, defer_until)  # type: ignore[arg-type]
+
+
+def _memo(
+    compiled: CompiledRule,
+    key: tuple[object, ...],
+    effect: str,
+    message: Callable[..., str],
+    *args: object,
+) -> RuleResult:
+    """The result for `key`, made with `message(compiled, *args)` the first time only."""
+    result = compiled.memo.get(key)
+    if result is None:
+        result = _result(compiled.rule, effect, message(compiled, *args))
+        compiled.memo[key] = result
+    return result
+
+
+def _skip_purpose(compiled: CompiledRule, purpose: str) -> str:
+    listed = compiled.rule.applies_to.purposes or ()
+    return f"purpose {purpose} is not {listed[0] if len(listed) == 1 else ', '.join(listed)}"
+
+
+def _skip_where(compiled: CompiledRule) -> str:
+    return f"where is false: {compiled.where.source if compiled.where else ''}"
 
 
 def _boolean(expression: CompiledExpression, value: object) -> bool:
@@ -270,15 +297,28 @@ def _check_consent(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResul
     if rule.legal_bases and consent.legal_basis not in rule.legal_bases:
         wanted = " or ".join(rule.legal_bases)
         return _result(rule, rule.effect, f"consent {purpose} is {basis}; needs {wanted}")
-    return _result(rule, "allow", f"consent {purpose} active ({basis})")
+    return _memo(compiled, ("consent", purpose, basis), "allow", _consent_holds, purpose, basis)
+
+
+def _consent_holds(compiled: CompiledRule, purpose: str, basis: str) -> str:
+    return f"consent {purpose} active ({basis})"
 
 
 def _check_expression(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
     rule, when = compiled.rule, compiled.when
     assert when is not None  # compile_policy_set guarantees it
     if _boolean(when, when.run(evaluation.activation())):
-        return _result(rule, rule.effect, rule.message or rule.description or rule.when or "")
-    return _result(rule, "allow", f"when is false: {when.source}")
+        return _memo(compiled, ("when", True), rule.effect, _when_true)
+    return _memo(compiled, ("when", False), "allow", _when_false)
+
+
+def _when_true(compiled: CompiledRule) -> str:
+    rule = compiled.rule
+    return rule.message or rule.description or rule.when or ""
+
+
+def _when_false(compiled: CompiledRule) -> str:
+    return f"when is false: {compiled.rule.when}"
 
 
 def _check_frequency_cap(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
@@ -291,13 +331,17 @@ def _check_frequency_cap(compiled: CompiledRule, evaluation: _Evaluation) -> Rul
         for m in evaluation.ctx.history.sent
         if m.at > since and (wanted is None or m.purpose in wanted)
     )
-    summary = f"{len(times)}{compiled.detail}"
     if len(times) < limit:
-        return _result(rule, "allow", summary)
+        return _memo(compiled, ("count", len(times)), "allow", _cap_summary, len(times))
+    summary = _cap_summary(compiled, len(times))
     if rule.effect == "deny" or limit == 0:
         return _result(rule, "deny", summary)
     until = times[len(times) - limit] + window
     return _result(rule, "defer", f"{summary}; next slot {until:%Y-%m-%dT%H:%M}Z", until)
+
+
+def _cap_summary(compiled: CompiledRule, count: int) -> str:
+    return f"{count}{compiled.detail}"
 
 
 def _check_quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
@@ -313,7 +357,8 @@ def _check_quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleR
     until = next_window_start(ctx.now, ctx.patient.zones, start, end)
     if until is None:
         every = ", ".join(ctx.patient.zones)
-        return _result(rule, "deny", f"{window} never holds in all of {every} within 7 days")
+        days = SEARCH_HORIZON.days
+        return _result(rule, "deny", f"{window} never holds in all of {every} within {days} days")
     first = until.astimezone(local[0].tzinfo)
     message = f"local time {clocks} outside {window}; next {first:%Y-%m-%d %H:%M} {first.tzinfo}"
     return _result(rule, "defer", message, until)
@@ -325,75 +370,6 @@ _CHECKS: Mapping[str, Callable[[CompiledRule, _Evaluation], RuleResult]] = {
     "frequency_cap": _check_frequency_cap,
     "expression": _check_expression,
 }
-
-
-# --- local-time windows -------------------------------------------------------------------
-
-
-def in_window(clock: time, start: time, end: time) -> bool:
-    """Is the wall-clock time inside [start, end)? end < start is an overnight window."""
-    if start < end:
-        return start <= clock < end
-    return clock >= start or clock < end
-
-
-def next_window_start(
-    now: datetime,
-    zones: Sequence[str],
-    start: time,
-    end: time,
-    *,
-    horizon: timedelta = SEARCH_HORIZON,
-) -> datetime | None:
-    """For a `now` outside the window: the earliest later instant at which [start, end)
-    holds in every zone, or None if there is none within `horizon`.
-
-    The instants inside are an intersection of unions of intervals, so the first one after
-    `now` is where some zone's clock enters the window: at a window start (both folds on a
-    fall-back day) or at a DST transition (a start inside a spring-forward gap is entered
-    at the transition, the first valid instant after it). Those candidates are tried in order.
-    """
-    infos = [ZoneInfo(z) for z in zones]
-    limit = now + horizon
-    streams = [_window_starts(zone, now, start, horizon.days + 2) for zone in infos]
-    streams.extend(_transitions(zone, now, limit) for zone in infos)
-    for instant in heapq.merge(*streams):
-        if instant > limit:
-            return None
-        inside = (in_window(instant.astimezone(z).time(), start, end) for z in infos)
-        if instant > now and all(inside):
-            return instant
-    return None
-
-
-def _window_starts(zone: ZoneInfo, now: datetime, clock: time, days: int) -> Iterator[datetime]:
-    """In order, the UTC instants at which the zone's clock shows `clock`, from the day
-    before `now` on: one a day, two on a fall-back day, none on a spring-forward gap."""
-    first = now.astimezone(zone).date() - timedelta(days=1)
-    for offset in range(days + 1):
-        naive = datetime.combine(first + timedelta(days=offset), clock)
-        seen = None
-        for fold in (0, 1):
-            instant = naive.replace(tzinfo=zone, fold=fold).astimezone(UTC)
-            if instant != seen and instant.astimezone(zone).replace(tzinfo=None) == naive:
-                yield instant
-            seen = instant
-
-
-def _transitions(zone: ZoneInfo, after: datetime, until: datetime) -> list[datetime]:
-    """The zone's UTC-offset change in (after, until], to the second (at most one is
-    looked for: no zone changes twice within the week searched)."""
-    lo, hi = int(after.timestamp()), int(until.timestamp())
-    if _offset(zone, lo) == _offset(zone, hi):
-        return []
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _offset(zone, mid) == _offset(zone, lo) else (lo, mid)
-    return [datetime.fromtimestamp(hi, UTC)]
-
-
-def _offset(zone: ZoneInfo, timestamp: int) -> timedelta | None:
-    return datetime.fromtimestamp(timestamp, zone).utcoffset()
 
 
 def format_duration(span: timedelta) -> str:

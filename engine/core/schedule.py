@@ -127,7 +127,10 @@ def _check_anchor(campaign: Campaign, anchor: Anchor) -> None:
 def _local_dates(schedule: Schedule, anchor: Anchor, zone: str) -> list[tuple[str, date]]:
     if schedule.kind == "relative":
         base = _anchor_date(schedule.relative_to, anchor, zone)
-        return [(f"{offset:+d}d", base + timedelta(days=offset)) for offset in schedule.offsets]
+        cycle = _anchor_value(anchor)
+        return [
+            (f"{offset:+d}d@{cycle}", base + timedelta(days=offset)) for offset in schedule.offsets
+        ]
     if schedule.kind == "recurring":
         return [(day.isoformat(), day) for day in _recurring_dates(schedule, anchor, zone)]
     if schedule.on is None:
@@ -162,6 +165,20 @@ def _anchor_date(field: str | None, anchor: Anchor, zone: str) -> date:
         starts_at = _aware(anchor.starts_at, "appointment.starts_at")
         return starts_at.astimezone(ZoneInfo(zone)).date()
     raise ValueError(f"schedule refers to {field!r}, which the anchor does not have")
+
+
+def _anchor_value(anchor: Anchor) -> str:
+    """The anchor's date as stored, independent of any zone: a new refill cycle or a moved
+    appointment is a new occurrence, an edit of anything else is not."""
+    if isinstance(anchor, Prescription):
+        return anchor.refill_due.isoformat()
+    if isinstance(anchor, Appointment):
+        return (
+            _aware(anchor.starts_at, "appointment.starts_at")
+            .astimezone(UTC)
+            .strftime("%Y-%m-%dT%H:%MZ")
+        )
+    return "none"
 
 
 def _aware(value: datetime, name: str) -> datetime:

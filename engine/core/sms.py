@@ -7,6 +7,7 @@ a 6-octet user data header leaves 153 septets or 67 UTF-16 code units per part).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from engine.core.domain import Encoding
 
@@ -87,3 +88,40 @@ def has_opt_out_text(text: str) -> bool:
     taking it" do not count.
     """
     return _OPT_OUT.search(text) is not None
+
+
+def to_gsm(text: str) -> str:
+    """Transliterate to the GSM-7 alphabet (Zoë -> Zoe, Łukasz -> Lukasz), so one accented
+    name does not turn a message into UCS-2 and halve the characters per segment."""
+    if GSM_ALL.issuperset(text):
+        return text
+    out = []
+    for char in text:
+        if char in GSM_ALL:
+            out.append(char)
+            continue
+        base = "".join(
+            c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c)
+        )
+        base = _FALLBACK.get(char, base)
+        out.append(base if base and GSM_ALL.issuperset(base) else "?")
+    return "".join(out)
+
+
+_FALLBACK = {
+    "ł": "l",
+    "Ł": "L",
+    "đ": "d",
+    "Đ": "D",
+    "ø": "ø",
+    "œ": "oe",
+    "Œ": "OE",
+    "ß": "ss",
+    "\u2019": "'",
+    "\u2018": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u2026": "...",
+}

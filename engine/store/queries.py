@@ -137,6 +137,7 @@ def upsert_patients(
             dek, wrapped, key_id = keyring.new_data_key(patient_id=external_id)
             rows[external_id] = m.Patient(external_id=external_id)
             ciphers[external_id] = PatientCipher(dek, patient_id=external_id)
+            record = _merge_attributes(record, {})
             _write_patient(rows[external_id], ciphers[external_id], record, keyring)
             session.add(rows[external_id])
             new_keys.append((rows[external_id], wrapped, key_id))
@@ -166,13 +167,17 @@ def _update_patient(
     if cipher is None or row.erased_at is not None:
         return "erased"
     current = codec.open_patient(row, cipher)
-    attrs = {**current.patient.attributes, **record.patient.attributes}
-    attrs = {k: v for k, v in attrs.items() if v is not None}
-    record = replace(record, patient=replace(record.patient, attributes=attrs))
+    record = _merge_attributes(record, current.patient.attributes)
     if record == current:
         return "unchanged"
     _write_patient(row, cipher, record, keyring)
     return "updated"
+
+
+def _merge_attributes(record: PatientRecord, stored: Mapping[str, Any]) -> PatientRecord:
+    attrs = {**stored, **record.patient.attributes}
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    return replace(record, patient=replace(record.patient, attributes=attrs))
 
 
 def upsert_patient(*, session: Session, keyring: Keyring, record: PatientRecord) -> Change:
@@ -386,7 +391,7 @@ def consent_events_for(
     """
     pid = _require_patient(session, patient_id) if isinstance(patient_id, str) else patient_id
     cipher = ciphers_for(session=session, keyring=keyring, patient_ids=[pid]).get(pid)
-    rows = session.execute(_ledger([pid])).tuples()
+    rows = session.execute(_ledger([pid]))
     return [codec.to_consent_event(row, external_id, cipher) for row, external_id in rows]
 
 
@@ -413,7 +418,7 @@ def consent_states_for_many(
     purposes = tuple(purposes)
     ledgers: dict[int, list[domain.ConsentEvent]] = {pid: [] for pid in patient_ids}
     for chunk in _chunks(list(patient_ids)):
-        for row, external_id in session.execute(_ledger(chunk)).tuples():
+        for row, external_id in session.execute(_ledger(chunk)):
             ledgers[row.patient_id].append(codec.to_consent_event(row, external_id))
     return {
         pid: current_consents(events, purposes=purposes, channel=channel)
@@ -427,7 +432,7 @@ def consent_keys_for(*, session: Session, patient_ids: Iterable[int]) -> set[Con
     keys: set[ConsentKey] = set()
     for chunk in _chunks(sorted(set(patient_ids))):
         stmt = select(e.patient_id, e.purpose, e.status, e.occurred_at)
-        keys.update(session.execute(stmt.where(e.patient_id.in_(chunk))).tuples())
+        keys.update(session.execute(stmt.where(e.patient_id.in_(chunk))))
     return keys
 
 
@@ -447,8 +452,9 @@ def suppress_phone_index(*, session: Session, phone_index: str, reason: str) -> 
         dialect.insert(m.Suppression)
         .values(phone_index=phone_index, reason=reason, created_at=m.utcnow())
         .on_conflict_do_nothing(index_elements=["phone_index"])
+        .returning(m.Suppression.id)
     )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    return session.execute(stmt).first() is not None
 
 
 def is_suppressed(*, session: Session, keyring: Keyring, e164: str) -> bool:

@@ -13,7 +13,6 @@ from engine.core.schedule import (
     occurrences,
     to_utc,
 )
-from tests.unit.builders import make_patient
 
 FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
@@ -21,6 +20,10 @@ LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
 
 def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
+
+
+def make_patient(**overrides: Any) -> Patient:
+    return Patient(**{"external_id": "p-1", "timezone": "America/New_York", **overrides})
 
 
 def make_rx(**overrides: Any) -> Prescription:
@@ -101,8 +104,8 @@ def test_relative_to_refill_sends_at_local_time_on_each_offset_sorted() -> None:
         alive_at=LONG_AGO,
     )
     assert [(o.label, o.due_at) for o in found] == [
-        ("-3d", utc(2024, 3, 9, 14)),
-        ("+0d", utc(2024, 3, 12, 13)),
+        ("-3d@2024-03-12", utc(2024, 3, 9, 14)),
+        ("+0d@2024-03-12", utc(2024, 3, 12, 13)),
     ]
     assert [o.expires_at - o.due_at for o in found] == [timedelta(hours=12)] * 2
     assert {(o.campaign, o.patient, o.anchor) for o in found} == {
@@ -130,7 +133,7 @@ def test_relative_to_appointment_uses_its_local_date(zone: str, expected_due: da
         alive_at=LONG_AGO,
     )
     assert [(o.label, o.due_at, o.anchor) for o in found] == [
-        ("-1d", expected_due, "appointment:A1")
+        ("-1d@2024-06-10T02:00Z", expected_due, "appointment:A1")
     ]
 
 
@@ -189,14 +192,30 @@ def test_zone_unknown_uses_the_first_candidate_zone() -> None:
     assert found[0].due_at == utc(2024, 3, 9, 15)
 
 
+def test_a_new_refill_cycle_is_a_new_occurrence_and_other_edits_are_not() -> None:
+    def keys(rx: Prescription) -> set[str]:
+        found = occurrences(
+            make_campaign(RELATIVE_RX),
+            make_patient(),
+            rx,
+            not_after=FAR_FUTURE,
+            alive_at=LONG_AGO,
+        )
+        return {o.idempotency_key for o in found}
+
+    first = keys(make_rx())
+    assert keys(make_rx(medication="Atorvastatin", status="on-hold")) == first
+    assert keys(make_rx(refill_due=date(2024, 4, 11))).isdisjoint(first)
+
+
 # due: -3d at 2024-03-09 14:00Z, +0d at 2024-03-12 13:00Z; each expires 12 h later
 @pytest.mark.parametrize(
     ("not_after", "alive_at", "expected_labels"),
     [
         (utc(2024, 3, 9, 13, 59), LONG_AGO, []),
-        (utc(2024, 3, 9, 14), LONG_AGO, ["-3d"]),  # due exactly now is due
-        (utc(2024, 3, 12, 13), utc(2024, 3, 10, 1, 59), ["-3d", "+0d"]),
-        (utc(2024, 3, 12, 13), utc(2024, 3, 10, 2), ["+0d"]),  # expiring exactly now is gone
+        (utc(2024, 3, 9, 14), LONG_AGO, ["-3d@2024-03-12"]),  # due exactly now is due
+        (utc(2024, 3, 12, 13), utc(2024, 3, 10, 1, 59), ["-3d@2024-03-12", "+0d@2024-03-12"]),
+        (utc(2024, 3, 12, 13), utc(2024, 3, 10, 2), ["+0d@2024-03-12"]),  # expired: gone
         (FAR_FUTURE, utc(2024, 3, 13, 1), []),
     ],
 )

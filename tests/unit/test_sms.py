@@ -1,6 +1,13 @@
 import pytest
 
-from engine.core.sms import GSM_BASIC, GSM_EXTENSION, encoding_of, has_opt_out_text, measure
+from engine.core.sms import (
+    GSM_BASIC,
+    GSM_EXTENSION,
+    encoding_of,
+    has_opt_out_text,
+    measure,
+    to_gsm,
+)
 
 
 def test_gsm_tables_have_the_03_38_sizes() -> None:
@@ -94,3 +101,21 @@ def test_has_opt_out_text(text: str) -> None:
 )
 def test_has_no_opt_out_text(text: str) -> None:
     assert not has_opt_out_text(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Zoë", "Zoe"),
+        ("José", "José"),  # é is in the GSM-7 basic set: kept
+        ("García", "Garcia"),  # í is not
+        ("Łukasz", "Lukasz"),
+        ("O\u2019Brien", "O'Brien"),
+        ("Dvořák", "Dvorak"),
+        ("Ñuñez", "Ñuñez"),
+        ("Ana ☺", "Ana ?"),
+    ],
+)
+def test_to_gsm_keeps_names_in_gsm7(name: str, expected: str) -> None:
+    assert to_gsm(name) == expected
+    assert encoding_of(to_gsm(name)) == "GSM-7"

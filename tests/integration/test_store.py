@@ -1,0 +1,303 @@
+"""Migrations, the patient store, the consent ledger and suppressions, on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, select, text, update
+from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.core.domain import Appointment, ConsentEvent, Patient, Prescription
+from engine.crypto import Keyring
+from engine.store import models as m
+from engine.store import queries
+from engine.store.db import current_revision, head_revision, make_engine, upgrade
+from engine.store.queries import PatientRecord, SlotRecord
+
+PURPOSES = ("adherence", "appointment", "marketing")
+T0 = datetime(2024, 1, 1, 9, 0, tzinfo=UTC)
+
+
+def make_record(external_id: str = "P1", phone: str = "+12125550142", **overrides) -> PatientRecord:
+    fields = {
+        "external_id": external_id,
+        "given_name": "Zebulon",
+        "family_name": "Quackenbush",
+        "timezone": "America/New_York",
+        "birth_date": date(1980, 4, 2),
+        "region": "NY",
+        "attributes": {"plan": "gold"},
+    }
+    return PatientRecord(patient=Patient(**(fields | overrides)), phone=phone)
+
+
+def add_patients(session: Session, keyring: Keyring, *records: PatientRecord) -> None:
+    queries.upsert_patients(session=session, keyring=keyring, records=list(records))
+    session.commit()
+
+
+def grant(patient: str, purpose: str, at: datetime, status: str = "granted") -> ConsentEvent:
+    return ConsentEvent(
+        patient=patient,
+        purpose=purpose,
+        status=status,  # type: ignore[arg-type]
+        occurred_at=at,
+        legal_basis="express" if status == "granted" else None,
+        method="web_form",
+        evidence="signed form #123" if status == "granted" else None,
+        recorded_by="test",
+    )
+
+
+def test_migrations_create_the_model_schema(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        assert current_revision(engine) is None
+        upgrade(engine)
+        upgrade(db_url)  # a second run is a no-op, from a URL too
+        assert current_revision(db_url) == head_revision() == "0001"
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, m.Base.metadata) == []
+        tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
+        assert tables == set(m.Base.metadata.tables)
+    finally:
+        engine.dispose()
+
+
+def test_aware_datetimes_round_trip_as_utc(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    new_york = timezone(timedelta(hours=-5))
+    with session_factory() as session:
+        add_patients(session, keyring, make_record())
+        queries.upsert_appointment(
+            session=session,
+            patient_external_id="P1",
+            appointment=Appointment("A1", datetime(2025, 3, 10, 14, 30, tzinfo=new_york), "visit"),
+        )
+        session.commit()
+    with session_factory() as session:
+        starts_at = session.scalar(select(m.Appointment.starts_at))
+        later = session.scalar(
+            select(m.Appointment.appointment_id).where(
+                m.Appointment.starts_at > datetime(2025, 3, 10, 19, 29, tzinfo=UTC)
+            )
+        )
+    assert starts_at == datetime(2025, 3, 10, 19, 30, tzinfo=UTC) and starts_at.tzinfo is UTC
+    assert later == "A1"
+
+
+def test_naive_datetimes_are_refused(session_factory: sessionmaker[Session]) -> None:
+    with session_factory() as session:
+        session.add(m.Slot(slot_id="S1", kind="visit", starts_at=datetime(2025, 1, 1, 9, 0)))
+        with pytest.raises(StatementError, match="naive datetime"):
+            session.flush()
+
+
+def test_upsert_patient_is_idempotent_and_updates_in_place(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        assert (
+            queries.upsert_patient(session=session, keyring=keyring, record=make_record())
+            == "imported"
+        )
+        assert (
+            queries.upsert_patient(session=session, keyring=keyring, record=make_record())
+            == "unchanged"
+        )
+        moved = make_record(phone="+13055550100", timezone="America/New_York", locale="es")
+        assert queries.upsert_patient(session=session, keyring=keyring, record=moved) == "updated"
+        session.commit()
+    with session_factory() as session:
+        record = queries.load_patient_record(session=session, keyring=keyring, external_id="P1")
+        keys = session.scalars(select(m.PatientKey)).all()
+        assert queries.load_patient(session=session, keyring=keyring, external_id="nobody") is None
+    assert record == moved
+    assert len(keys) == 1 and keys[0].master_key_id == keyring.master_key_id
+
+
+def test_attributes_merge_and_a_none_value_removes_one(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        add_patients(session, keyring, make_record(attributes={"plan": "gold", "clinic": "north"}))
+        add_patients(session, keyring, make_record(attributes={"plan": None, "tier": "2"}))
+        patient = queries.load_patient(session=session, keyring=keyring, external_id="P1")
+    assert patient is not None and patient.attributes == {"clinic": "north", "tier": "2"}
+
+
+def test_iter_patients_streams_batches_with_their_records(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        records = [make_record(f"P{i}", phone=f"+1212555{i:04d}") for i in range(7)]
+        add_patients(session, keyring, *records)
+        for i in range(7):
+            rx = Prescription(f"RX{i}", f"Drug {i}", "statin", date(2025, 3, i + 1))
+            queries.upsert_prescription(
+                session=session, keyring=keyring, patient_external_id=f"P{i}", prescription=rx
+            )
+        queries.upsert_appointment(
+            session=session,
+            patient_external_id="P3",
+            appointment=Appointment("A3", T0, "visit", provider="Dr. Osei"),
+        )
+        session.commit()
+        streamed = list(queries.iter_patients(session=session, keyring=keyring, batch_size=3))
+    assert [d.patient.external_id for d in streamed] == [f"P{i}" for i in range(7)]
+    assert all(d.patient.given_name == "Zebulon" for d in streamed)
+    assert [d.prescriptions[0].medication for d in streamed] == [f"Drug {i}" for i in range(7)]
+    assert streamed[3].appointments == (Appointment("A3", T0, "visit", provider="Dr. Osei"),)
+    assert all(not d.appointments for d in streamed if d.patient.external_id != "P3")
+
+
+def test_patients_by_phone_uses_the_blind_index(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        add_patients(
+            session,
+            keyring,
+            make_record("P1"),
+            make_record("P2", given_name="Ignatius"),  # same family phone
+            make_record("P3", phone="+13055550100"),
+        )
+        family = queries.patients_by_phone(session=session, keyring=keyring, e164="+12125550142")
+        nobody = queries.patients_by_phone(session=session, keyring=keyring, e164="+12125550143")
+        stored = set(session.scalars(select(m.Patient.phone_index)))
+    assert [(p.external_id, p.given_name) for p in family] == [
+        ("P1", "Zebulon"),
+        ("P2", "Ignatius"),
+    ]
+    assert nobody == []
+    assert stored == {keyring.phone_index("+12125550142"), keyring.phone_index("+13055550100")}
+
+
+def test_consent_is_derived_from_an_append_only_ledger(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        for event in (
+            grant("P1", "marketing", T0),
+            grant("P1", "marketing", T0 + timedelta(days=1), status="revoked"),
+            grant("P1", "marketing", T0 + timedelta(days=2)),
+            grant("P1", "adherence", T0),
+            grant("P1", "adherence", T0 + timedelta(days=3), status="revoked"),
+        ):
+            queries.record_consent_event(
+                session=session, keyring=keyring, event=event, source="test"
+            )
+        session.commit()
+        ledger = queries.consent_events_for(session=session, keyring=keyring, patient_id="P1")
+        states = queries.current_consents_for(
+            session=session, keyring=keyring, patient_external_id="P1", purposes=PURPOSES
+        )
+    assert [(e.purpose, e.status) for e in ledger] == [
+        ("marketing", "granted"), ("marketing", "revoked"), ("marketing", "granted"),
+        ("adherence", "granted"), ("adherence", "revoked"),
+    ]  # fmt: skip
+    assert ledger[0] == grant("P1", "marketing", T0)  # evidence decrypted, time aware UTC
+    assert states["marketing"].active and states["marketing"].granted_at == T0 + timedelta(days=2)
+    assert not states["adherence"].active
+    assert states["adherence"].revoked_at == T0 + timedelta(days=3)
+    assert not states["appointment"].active
+
+
+@pytest.mark.parametrize(
+    "statement", ["UPDATE consent_events SET status = 'granted'", "DELETE FROM consent_events"]
+)
+def test_the_database_refuses_to_rewrite_the_consent_ledger(
+    engine: Engine, session_factory: sessionmaker[Session], keyring: Keyring, statement: str
+) -> None:
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        event = grant("P1", "marketing", T0, status="revoked")
+        queries.record_consent_event(session=session, keyring=keyring, event=event)
+        session.commit()
+    with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
+        connection.execute(text(statement))
+    with session_factory() as session:
+        assert session.scalars(select(m.ConsentEvent.status)).all() == ["revoked"]
+
+
+def test_consent_states_for_many_patients_at_once(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        add_patients(
+            session, keyring, *(make_record(f"P{i}", phone=f"+1212555{i:04d}") for i in range(3))
+        )
+        for event in (grant("P0", "adherence", T0), grant("P2", "marketing", T0)):
+            queries.record_consent_event(session=session, keyring=keyring, event=event)
+        session.commit()
+        ids = queries.patient_ids_for(session=session, external_ids=["P0", "P1", "P2"])
+        states = queries.consent_states_for_many(
+            session=session, patient_ids=list(ids.values()), purposes=PURPOSES
+        )
+    active = {
+        external_id: sorted(p for p, s in states[pid].items() if s.active)
+        for external_id, pid in ids.items()
+    }
+    assert active == {"P0": ["adherence"], "P1": [], "P2": ["marketing"]}
+
+
+def test_suppressions_by_blind_index(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        assert queries.add_suppression(
+            session=session, keyring=keyring, e164="+12125550142", reason="stop"
+        )
+        assert not queries.add_suppression(
+            session=session, keyring=keyring, e164="+12125550142", reason="stop"
+        )
+        session.commit()
+        assert queries.is_suppressed(session=session, keyring=keyring, e164="+12125550142")
+        assert not queries.is_suppressed(session=session, keyring=keyring, e164="+12125550143")
+        stored = session.scalars(select(m.Suppression.phone_index)).all()
+    assert stored == [keyring.phone_index("+12125550142")]
+
+
+def test_an_erased_patient_is_unreadable_and_not_streamed(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"), make_record("P2", phone="+13055550100"))
+        queries.record_consent_event(
+            session=session, keyring=keyring, event=grant("P1", "adherence", T0)
+        )
+        pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+        session.execute(
+            update(m.PatientKey)
+            .where(m.PatientKey.patient_id == pid)
+            .values(wrapped_key=None, destroyed_at=T0)
+        )
+        session.commit()
+        with pytest.raises(queries.PatientErased):
+            queries.load_patient(session=session, keyring=keyring, external_id="P1")
+        streamed = [
+            d.patient.external_id for d in queries.iter_patients(session=session, keyring=keyring)
+        ]
+        ledger = queries.consent_events_for(session=session, keyring=keyring, patient_id=pid)
+        again = queries.upsert_patient(session=session, keyring=keyring, record=make_record("P1"))
+    assert streamed == ["P2"]
+    assert [(e.status, e.evidence) for e in ledger] == [("granted", None)]
+    assert again == "erased"
+
+
+def test_slots_upsert_by_slot_id(session_factory: sessionmaker[Session]) -> None:
+    slot = SlotRecord("S1", "visit", T0, provider="Dr. Osei")
+    with session_factory() as session:
+        assert queries.upsert_slot(session=session, slot=slot) == "imported"
+        assert queries.upsert_slot(session=session, slot=slot) == "unchanged"
+        moved = SlotRecord("S1", "visit", T0 + timedelta(hours=1), provider="Dr. Osei")
+        assert queries.upsert_slot(session=session, slot=moved) == "updated"
+        session.commit()
+        assert session.scalars(select(m.Slot.starts_at)).all() == [T0 + timedelta(hours=1)]
