@@ -34,10 +34,10 @@ US_REGIONS = [  # (region, weight, zone, area codes)
 ]
 EU_COUNTRIES = [  # (country, weight, zone, region, mobile number pattern)
     ("DE", 4, "Europe/Berlin", "BE", "+49151{:08d}"),
-    ("ES", 3, "Europe/Madrid", "MD", "+346{:08d}"),
-    ("FR", 2, "Europe/Paris", "IDF", "+336{:08d}"),
+    ("ES", 3, "Europe/Madrid", "MD", "+3461{:07d}"),
+    ("FR", 2, "Europe/Paris", "IDF", "+3361{:07d}"),
     ("IE", 1, "Europe/Dublin", "D", "+35387{:07d}"),
-    ("NL", 1, "Europe/Amsterdam", "NH", "+316{:08d}"),
+    ("NL", 1, "Europe/Amsterdam", "NH", "+3161{:07d}"),
 ]
 GIVEN = ["Maria", "James", "Aisha", "José", "Wei", "Olivia", "Liam", "Fatima", "Noah", "Zoë",
          "Emma", "Mateo", "Sofia", "Ethan", "Chloé", "Lucas", "Ana", "Hiroshi", "Grace", "Omar"]
@@ -63,6 +63,7 @@ class Population:
     seed: int = 7
     start: date = date(2026, 12, 1)
     eu_share: float = 0.12
+    bad_share: float = 0.002
 
 
 def _pick(rng: random.Random, items: list, weight_index: int = 1):
@@ -84,6 +85,8 @@ def _patient(rng: random.Random, n: int, pop: Population) -> tuple[list[str], st
         locale = "es" if rng.random() < 0.2 else "en"
     if rng.random() < 0.05:
         zone = ""  # inferred from the number at import
+    if rng.random() < pop.bad_share:
+        phone = "555-12"  # a typo, as real exports have: the import rejects the row
     born = date(1940, 1, 1) + timedelta(days=rng.randrange(0, 66 * 365))
     row = [f"P{n:07d}", rng.choice(GIVEN), rng.choice(FAMILY), phone, zone, locale, country,
            region, born.isoformat(), "true" if rng.random() < 0.2 else "false"]

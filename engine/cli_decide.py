@@ -156,28 +156,22 @@ def _print_table(
         )
     picked = [e for bucket in shown.values() for e in bucket[: max(1, sample // 3)]][:sample]
     if picked:
-        table = Table(
-            "patient",
-            "occurrence",
-            "outcome",
-            "send at",
-            "reasons",
-            "text",
-            title="Sample decisions",
-        )
-        for e in picked:
-            reasons = "\n".join(f"{r.rule}: {r.message}" for r in e.decision.reasons) or "-"
-            send_at = e.decision.send_at.isoformat() if e.decision.send_at else "-"
-            text = e.rendered.text if e.rendered else "-"
-            table.add_row(
-                e.occurrence.patient,
-                f"{e.occurrence.anchor} {e.occurrence.label}",
-                e.decision.outcome,
-                send_at,
-                reasons,
-                text,
+        console.print("[bold]Sample decisions[/]")
+    for e in picked:
+        o, d = e.occurrence, e.decision
+        when = f" at {d.send_at.isoformat()}" if d.send_at else ""
+        console.print(f"{o.patient}  {o.anchor} {o.label}: [bold]{d.outcome}[/]{when}")
+        for r in d.reasons:
+            cite = f" [{r.cite}]" if r.cite else ""
+            console.print(
+                f"    {r.effect} by {r.rule} ({r.policy}): {r.message}{cite}", markup=False
             )
-        console.print(table)
+        if e.rendered:
+            console.print(
+                f"    {e.template.locale}, {e.rendered.encoding}, "
+                f"{e.rendered.segments} segment(s): {e.rendered.text}",
+                markup=False,
+            )
 
 
 @click.command()

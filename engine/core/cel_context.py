@@ -87,24 +87,27 @@ class PolicyError(ValueError):
         self.rule = rule
 
 
+Path = tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Uses:
-    """What expressions read: names used whole, and name -> the fields read as `name.field`.
+    """What expressions read: names used whole, and name -> the paths read as `name.a.b`.
 
-    A field read is compiled as the flat variable `name__field`: the cel module converts a
-    top-level variable several times faster than a map entry, and only read fields are built.
+    A path read is compiled as the flat variable `name__a__b`: the cel module converts a
+    top-level variable several times faster than a map entry, and only read paths are built.
     """
 
     whole: frozenset[str] = frozenset()
-    fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    fields: Mapping[str, frozenset[Path]] = field(default_factory=dict)
 
     @property
     def names(self) -> frozenset[str]:
         return self.whole | frozenset(self.fields)
 
     @cached_property
-    def flat_names(self) -> dict[str, tuple[tuple[str, str], ...]]:
-        return {n: tuple((m, flat_name(n, m)) for m in read) for n, read in self.fields.items()}
+    def flat_names(self) -> dict[str, tuple[tuple[Path, str], ...]]:
+        return {n: tuple((p, flat_name(n, p)) for p in paths) for n, paths in self.fields.items()}
 
     def __or__(self, other: Uses) -> Uses:
         merged = dict(self.fields)
@@ -113,18 +116,20 @@ class Uses:
         return Uses(self.whole | other.whole, merged)
 
 
-def flat_name(name: str, member: str) -> str:
-    return f"{name}__{member}"
+def flat_name(name: str, path: Path) -> str:
+    return "__".join((name, *path))
 
 
 def bind(variables: Mapping[str, Any], uses: Uses) -> dict[str, Any]:
-    """The activation of compiled expressions from nested variables; a field of a null
+    """The activation of compiled expressions from nested variables; a path through a null
     record (an absent anchor) is null."""
     out = {name: variables[name] for name in uses.whole}
     for name, pairs in uses.flat_names.items():
-        record = variables[name]
-        for member, flat in pairs:
-            out[flat] = None if record is None else record[member]
+        for path, flat in pairs:
+            value = variables[name]
+            for key in path:
+                value = None if value is None else value[key]
+            out[flat] = value
     return out
 
 
@@ -296,10 +301,10 @@ _STRING = (
 )
 _TOKEN = re.compile(
     rf"(?P<string>{_STRING})"
-    r"|(?<![\w.])(?P<name>[A-Za-z_]\w*)(?:\s*\.\s*(?P<member>[A-Za-z_]\w*)(?P<call>\s*\()?)?"
+    r"|(?<![\w.])(?P<name>[A-Za-z_]\w*)(?P<path>(?:\s*\.\s*[A-Za-z_]\w*)*)(?P<call>\s*\()?"
 )
+_IDENT = re.compile(r"[A-Za-z_]\w*")
 _BOUND = re.compile(r"\.\s*(?:all|exists_one|exists|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
-_RECORD_FIELD = re.compile(r"(?<![\w.])(\w+)\s*\.\s*\w+\s*\.\s*([A-Za-z_]\w*)(\s*\()?")
 _HAS_OPEN = re.compile(r"has\s*\(\s*$")
 _SYNTAX = re.compile(r"<input>:(\d+):(\d+): ([^\n]*)")
 
@@ -344,50 +349,49 @@ def _syntax_message(text: str) -> str:
 
 
 def _scan_uses(source: str, names: Names, where: str) -> Uses:
-    """Check `name.field` reads against `names`; a name read other than by plain field
-    access (whole, in has(), by a method, or rebound by a macro) is used whole."""
+    """Check `name.field` reads against `names`; a name read other than by a path of plain
+    field selections (whole, indexed, in has(), or rebound by a macro) is used whole."""
     whole = set(_BOUND.findall(source)) & set(names)
-    read: dict[str, set[str]] = {}
+    read: dict[str, set[Path]] = {}
     for token in _TOKEN.finditer(source):
-        name, member, call = token.group("name", "member", "call")
+        name = token.group("name")
         if name not in names:
             continue
-        fields = names[name]
-        if member is None or call or fields is None:
+        path = _path(token)
+        if not path or _HAS_OPEN.search(source, 0, token.start()):
             whole.add(name)
-            continue
-        if member not in fields:
-            raise PolicyError(
-                f"{where}: unknown field {name}.{member}; {name} has: {', '.join(sorted(fields))}"
-            )
-        if _HAS_OPEN.search(source, 0, token.start()):
-            whole.add(name)
-        read.setdefault(name, set()).add(member)
-    _check_record_fields(_TOKEN.sub(_blank_strings, source), names, where)
-    return Uses(frozenset(whole), {n: frozenset(f) for n, f in read.items() if n not in whole})
+        else:
+            read.setdefault(name, set()).add(path)
+        _check_fields(name, path, names[name], where)
+    return Uses(frozenset(whole), {n: frozenset(p) for n, p in read.items() if n not in whole})
 
 
-def _blank_strings(token: re.Match[str]) -> str:
-    return '""' if token.group("string") else token.group(0)
+def _path(token: re.Match[str]) -> Path:
+    """The field selections after the name, less a method called on the last one."""
+    path = tuple(_IDENT.findall(token.group("path")))
+    return path[:-1] if token.group("call") else path
 
 
-def _check_record_fields(scanned: str, names: Names, where: str) -> None:
-    for match in _RECORD_FIELD.finditer(scanned):
-        name, member, call = match.groups()
-        fields = RECORD_MAPS.get(name)
-        if name in names and fields is not None and not call and member not in fields:
-            raise PolicyError(
-                f"{where}: unknown field {member!r} of a {name} entry; "
-                f"each has: {', '.join(sorted(fields))}"
-            )
+def _check_fields(name: str, path: Path, fields: frozenset[str] | None, where: str) -> None:
+    if path and fields is not None and path[0] not in fields:
+        listed = ", ".join(sorted(fields))
+        raise PolicyError(f"{where}: unknown field {name}.{path[0]}; {name} has: {listed}")
+    entry = RECORD_MAPS.get(name)
+    if entry is not None and len(path) > 1 and path[1] not in entry:
+        raise PolicyError(
+            f"{where}: unknown field {path[1]!r} of a {name} entry; "
+            f"each has: {', '.join(sorted(entry))}"
+        )
 
 
 def _flatten_source(source: str, uses: Uses) -> str:
     def replace(token: re.Match[str]) -> str:
-        name, member = token.group("name", "member")
-        if name in uses.fields and member is not None:
-            return flat_name(name, member)
-        return token.group(0)
+        name, call = token.group("name", "call")
+        path = _path(token) if name in uses.fields else ()
+        if not path:
+            return token.group(0)
+        method = f".{_IDENT.findall(token.group('path'))[-1]}" if call else ""
+        return flat_name(name, path) + method + (call or "")
 
     return _TOKEN.sub(replace, source)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date, time, timedelta
 
+import cel
 import pytest
 
 from engine.core.cel_context import (
@@ -97,18 +98,25 @@ def test_non_boolean_allowed_when_asked():
 
 
 @pytest.mark.parametrize(
-    ("source", "whole", "fields"),
+    ("source", "whole", "paths"),
     [
         ("patient.age > 1 && local.hour < 3", set(), {"patient": {"age"}, "local": {"hour"}}),
+        ("consent.marketing.active && history.purpose_7d.marketing < 2", set(),
+         {"consent": {"marketing.active"}, "history": {"purpose_7d.marketing"}}),
+        ("history.purpose_24h['adherence'] > 0", set(), {"history": {"purpose_24h"}}),
+        ("patient.region.startsWith('F')", set(), {"patient": {"region"}}),
         ("has(patient.age) && patient.region == ''", {"patient"}, {}),
-        ("consent.marketing.active", {"consent"}, {}),
         ("'x' in patient && patient.region == ''", {"patient"}, {}),
+        ("consent['marketing'].active", {"consent"}, {}),
+        ("now > timestamp('2026-01-01T00:00:00Z')", {"now"}, {}),
     ],
 )  # fmt: skip
-def test_uses_lists_what_is_read(source, whole, fields):
-    uses = compile_expression(source, names=POLICY_NAMES, where="when").uses
-    assert uses.whole == whole
-    assert {k: set(v) for k, v in uses.fields.items()} == fields
+def test_uses_lists_what_is_read_and_flattening_keeps_the_result(source, whole, paths):
+    compiled = compile_expression(source, names=POLICY_NAMES, where="when", boolean=False)
+    assert compiled.uses.whole == whole
+    assert {k: {".".join(p) for p in v} for k, v in compiled.uses.fields.items()} == paths
+    variables = policy_variables(make_context(), purposes=PURPOSES)
+    assert compiled.evaluate(variables) == cel.evaluate(source, variables)
 
 
 RX = Prescription("rx", "atorvastatin", "statin", date(2026, 3, 20))
