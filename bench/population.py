@@ -39,14 +39,54 @@ EU_COUNTRIES = [  # (country, weight, zone, region, mobile number pattern)
     ("IE", 1, "Europe/Dublin", "D", "+35387{:07d}"),
     ("NL", 1, "Europe/Amsterdam", "NH", "+3161{:07d}"),
 ]
-GIVEN = ["Maria", "James", "Aisha", "José", "Wei", "Olivia", "Liam", "Fatima", "Noah", "Zoë",
-         "Emma", "Mateo", "Sofia", "Ethan", "Chloé", "Lucas", "Ana", "Hiroshi", "Grace", "Omar"]
-FAMILY = ["Lopez", "Smith", "Nguyen", "García", "Johnson", "Müller", "Kim", "Brown", "Okafor",
-          "Rossi", "Martin", "Cohen", "Patel", "Silva", "O'Brien", "Schmidt", "Chen", "Diaz"]
-CLASSES = [("statin", ["atorvastatin", "rosuvastatin", "simvastatin"], 45),
-           ("ace_inhibitor", ["lisinopril", "enalapril"], 25),
-           ("biguanide", ["metformin"], 20),
-           ("ssri", ["sertraline", "escitalopram"], 10)]
+GIVEN = [
+    "Maria",
+    "James",
+    "Aisha",
+    "José",
+    "Wei",
+    "Olivia",
+    "Liam",
+    "Fatima",
+    "Noah",
+    "Zoë",
+    "Emma",
+    "Mateo",
+    "Sofia",
+    "Ethan",
+    "Chloé",
+    "Lucas",
+    "Ana",
+    "Hiroshi",
+    "Grace",
+    "Omar",
+]
+FAMILY = [
+    "Lopez",
+    "Smith",
+    "Nguyen",
+    "García",
+    "Johnson",
+    "Müller",
+    "Kim",
+    "Brown",
+    "Okafor",
+    "Rossi",
+    "Martin",
+    "Cohen",
+    "Patel",
+    "Silva",
+    "O'Brien",
+    "Schmidt",
+    "Chen",
+    "Diaz",
+]
+CLASSES = [
+    ("statin", ["atorvastatin", "rosuvastatin", "simvastatin"], 45),
+    ("ace_inhibitor", ["lisinopril", "enalapril"], 25),
+    ("biguanide", ["metformin"], 20),
+    ("ssri", ["sertraline", "escitalopram"], 10),
+]
 KINDS = ["primary-care", "cardiology", "lab", "vaccination"]
 HEADERS = {
     "patients": "external_id,given_name,family_name,phone,timezone,locale,country,region,"
@@ -74,8 +114,9 @@ def _patient(rng: random.Random, n: int, pop: Population) -> tuple[list[str], st
     """(patients.csv row, country, is_eu)."""
     if rng.random() < pop.eu_share:
         country, _, zone, region, pattern = _pick(rng, EU_COUNTRIES)
-        phone = pattern.format(rng.randrange(10**7, 10**8) if "{:08d}" in pattern
-                               else rng.randrange(10**6, 10**7))
+        phone = pattern.format(
+            rng.randrange(10**7, 10**8) if "{:08d}" in pattern else rng.randrange(10**6, 10**7)
+        )
         locale = "es" if country == "ES" else "en"
         eu = True
     else:
@@ -88,14 +129,25 @@ def _patient(rng: random.Random, n: int, pop: Population) -> tuple[list[str], st
     if rng.random() < pop.bad_share:
         phone = "555-12"  # a typo, as real exports have: the import rejects the row
     born = date(1940, 1, 1) + timedelta(days=rng.randrange(0, 66 * 365))
-    row = [f"P{n:07d}", rng.choice(GIVEN), rng.choice(FAMILY), phone, zone, locale, country,
-           region, born.isoformat(), "true" if rng.random() < 0.2 else "false"]
+    row = [
+        f"P{n:07d}",
+        rng.choice(GIVEN),
+        rng.choice(FAMILY),
+        phone,
+        zone,
+        locale,
+        country,
+        region,
+        born.isoformat(),
+        "true" if rng.random() < 0.2 else "false",
+    ]
     return row, country, eu
 
 
 def _consents(rng: random.Random, pid: str, eu: bool, pop: Population) -> Iterator[list[str]]:
-    granted = datetime.combine(pop.start - timedelta(days=rng.randrange(30, 900)), time(14),
-                               tzinfo=UTC)
+    granted = datetime.combine(
+        pop.start - timedelta(days=rng.randrange(30, 900)), time(14), tzinfo=UTC
+    )
     for purpose, share in (("adherence", 0.85), ("appointment", 0.8), ("marketing", 0.3)):
         if rng.random() >= share:
             continue
@@ -126,20 +178,34 @@ def _appointments(rng: random.Random, pid: str, zone: str, pop: Population) -> I
     day = pop.start + timedelta(days=rng.randrange(0, 30))
     local_hour = rng.choice([8, 9, 10, 11, 13, 14, 15, 16])
     starts = datetime.combine(day, time(local_hour, rng.choice([0, 30])), tzinfo=UTC)
-    offset = {"America/Los_Angeles": 8, "America/Chicago": 6, "America/New_York": 5,
-              "America/Denver": 7, "America/Phoenix": 7, "Pacific/Honolulu": 10}.get(zone, -1)
+    offset = {
+        "America/Los_Angeles": 8,
+        "America/Chicago": 6,
+        "America/New_York": 5,
+        "America/Denver": 7,
+        "America/Phoenix": 7,
+        "Pacific/Honolulu": 10,
+    }.get(zone, -1)
     starts += timedelta(hours=offset)
     status = "booked" if rng.random() < 0.9 else "cancelled"
-    yield [pid, f"{pid}-A0", starts.isoformat(), rng.choice(KINDS), "Dr. Chen",
-           "Main St Clinic", status]
+    yield [
+        pid,
+        f"{pid}-A0",
+        starts.isoformat(),
+        rng.choice(KINDS),
+        "Dr. Chen",
+        "Main St Clinic",
+        status,
+    ]
 
 
 def write_population(pop: Population, out: Path) -> dict[str, int]:
     """Write the four CSV files into `out`; returns rows written per file."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(pop.seed)
-    files = {name: (out / f"{name}.csv").open("w", newline="", encoding="utf-8")
-             for name in HEADERS}
+    files = {
+        name: (out / f"{name}.csv").open("w", newline="", encoding="utf-8") for name in HEADERS
+    }
     writers = {name: csv.writer(f) for name, f in files.items()}
     counts = dict.fromkeys(HEADERS, 0)
     try:
@@ -150,9 +216,11 @@ def write_population(pop: Population, out: Path) -> dict[str, int]:
             writers["patients"].writerow(row)
             counts["patients"] += 1
             pid, zone = row[0], row[4]
-            for name, rows in (("consents", _consents(rng, pid, eu, pop)),
-                               ("prescriptions", _prescriptions(rng, pid, pop)),
-                               ("appointments", _appointments(rng, pid, zone, pop))):
+            for name, rows in (
+                ("consents", _consents(rng, pid, eu, pop)),
+                ("prescriptions", _prescriptions(rng, pid, pop)),
+                ("appointments", _appointments(rng, pid, zone, pop)),
+            ):
                 for r in rows:
                     writers[name].writerow(r)
                     counts[name] += 1

@@ -280,12 +280,15 @@ class _FileImport:
         else:
             self.report.warnings += _extra_columns(source, self.context)
         with _progress(show_progress, source) as advance:
-            for label, kind, values, error in source.rows():
-                advance()
-                if kind != self.kind:
-                    self.flush()
-                    self.kind = kind
-                self.add(label, kind, values, error)
+            try:
+                for label, kind, values, error in source.rows():
+                    advance()
+                    if kind != self.kind:
+                        self.flush()
+                        self.kind = kind
+                    self.add(label, kind, values, error)
+            except (UnicodeDecodeError, csv.Error) as exc:  # the rows before it are kept
+                self.report.error = f"stopped reading ({exc}); the rows before were imported"
         self.flush()
 
     def add(self, label: Label, kind: str, values: dict[str, str], error: str | None) -> None:

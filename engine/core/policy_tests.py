@@ -112,7 +112,7 @@ def run_policy_tests(
 def _run(policy_set: CompiledPolicySet, test: PolicyTest) -> PolicyTestResult:
     try:
         ctx = context_from_given(test.given, purposes=policy_set.purposes)
-    except (PolicyError, ValueError, TypeError) as exc:
+    except (LookupError, TypeError, ValueError) as exc:  # PolicyError is a ValueError
         return PolicyTestResult(test.name, False, f"invalid given: {exc}", test.line)
     decision = decide(policy_set, ctx)
     expected = _describe(test.expect_outcome, test.expect_rule, test.expect_send_at)

@@ -4,7 +4,7 @@ in every zone a patient may be in (DST-safe, with zoneinfo)."""
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -36,9 +36,13 @@ def next_window_start(
     """
     infos = [ZoneInfo(z) for z in zones]
     limit = now + horizon
-    streams = [_window_starts(zone, now, start, horizon.days + 2) for zone in infos]
-    streams.extend(_transitions(zone, now, limit) for zone in infos)
-    for instant in heapq.merge(*streams):
+    streams: list[Iterable[datetime]] = [
+        _window_starts(zone, now, start, horizon.days + 2) for zone in infos
+    ]
+    transitions = sorted(t for zone in infos for t in _transitions(zone, now, limit))
+    if transitions:
+        streams.append(transitions)
+    for instant in streams[0] if len(streams) == 1 else heapq.merge(*streams):
         if instant > limit:
             return None
         inside = (in_window(instant.astimezone(z).time(), start, end) for z in infos)

@@ -8,6 +8,7 @@ its first occurrence (PEP 495 fold=0 gives exactly both).
 from __future__ import annotations
 
 import calendar
+import functools
 import hashlib
 import json
 from datetime import UTC, date, datetime, time, timedelta
@@ -96,7 +97,13 @@ def occurrences(
     zone = patient.zones[0]
     key_anchor = anchor_key(anchor)
     found = []
+    # Local dates more than a day outside the window cannot qualify in any zone (UTC-12 to
+    # UTC+14): skip their zone arithmetic.
+    first_day = (alive_at - campaign.expires_after).date() - timedelta(days=2)
+    last_day = not_after.date() + timedelta(days=2)
     for label, day in _local_dates(campaign.schedule, anchor, zone):
+        if not first_day <= day <= last_day:
+            continue
         due_at = to_utc(day, campaign.schedule.at, zone)
         expires_at = due_at + campaign.expires_after
         if due_at <= not_after and expires_at > alive_at:
@@ -144,10 +151,16 @@ def _recurring_dates(schedule: Schedule, anchor: Anchor, zone: str) -> list[date
     start = schedule.start
     if isinstance(start, str):
         start = _anchor_date(start, anchor, zone)
-    if schedule.every == "month":
-        return [_add_months(start, n) for n in range(schedule.count)]
-    step = timedelta(days=7 if schedule.every == "week" else 1)
-    return [start + step * n for n in range(schedule.count)]
+    return list(_series(schedule.every, start, schedule.count))
+
+
+@functools.lru_cache(maxsize=4096)
+def _series(every: str, start: date, count: int) -> tuple[date, ...]:
+    """The dates of a recurring schedule (shared by every patient with the same start)."""
+    if every == "month":
+        return tuple(_add_months(start, n) for n in range(count))
+    step = timedelta(days=7 if every == "week" else 1)
+    return tuple(start + step * n for n in range(count))
 
 
 def _add_months(start: date, months: int) -> date:

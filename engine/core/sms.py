@@ -37,6 +37,9 @@ def measure(text: str) -> tuple[Encoding, int, int]:
     part may carry one unit less than its maximum.
     """
     if encoding_of(text) == "GSM-7":
+        escapes = sum(text.count(c) for c in GSM_EXTENSION)
+        if len(text) + escapes <= GSM_SINGLE:  # the common case, without a cost per character
+            return "GSM-7", 1, len(text) + escapes
         costs = [2 if c in GSM_EXTENSION else 1 for c in text]
         return "GSM-7", _segments(costs, GSM_SINGLE, GSM_PART), sum(costs)
     costs = [2 if ord(c) > 0xFFFF else 1 for c in text]

@@ -7,14 +7,40 @@ id, see engine.crypto.PatientCipher), so it must never change for stored data.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import date, datetime
+from typing import Any, Literal
 
 from engine.core import domain
-from engine.crypto import PatientCipher
+from engine.crypto import Keyring, PatientCipher
 from engine.store import models as m
 
 EVIDENCE_FIELD = "consent/evidence"
+Change = Literal["imported", "updated", "unchanged", "erased", "conflict"]
+ConsentKey = tuple[int, str, str, datetime]
+
+
+class UnknownPatient(LookupError):
+    def __init__(self, external_id: str) -> None:
+        super().__init__(f"unknown patient {external_id}")
+        self.external_id = external_id
+
+
+class PatientErased(LookupError):
+    def __init__(self, external_id: str) -> None:
+        super().__init__(f"patient {external_id} has been erased")
+        self.external_id = external_id
+
+
+@dataclass(frozen=True)
+class PatientData:
+    """One patient with their prescriptions and appointments, as iter_patients yields it."""
+
+    id: int
+    patient: domain.Patient
+    prescriptions: tuple[domain.Prescription, ...] = ()
+    appointments: tuple[domain.Appointment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,7 +81,9 @@ def seal_patient(row: m.Patient, cipher: PatientCipher, record: PatientRecord) -
     row.allow_phi_sms = p.allow_phi_sms
 
 
-def open_patient(row: m.Patient, cipher: PatientCipher) -> PatientRecord:
+def open_patient(row: Any, cipher: PatientCipher, *, with_phone: bool = True) -> PatientRecord:
+    """The decrypted patient from an ORM row or a Core row of the patients table; the phone
+    stays sealed unless asked for."""
     birth = cipher.decrypt_field("birth_date", row.birth_date_enc)
     attrs = cipher.decrypt_field("attributes", row.attributes_enc)
     patient = domain.Patient(
@@ -71,7 +99,8 @@ def open_patient(row: m.Patient, cipher: PatientCipher) -> PatientRecord:
         family_name=cipher.decrypt_field("family_name", row.family_name_enc) or "",
         attributes=json.loads(attrs) if attrs else {},
     )
-    return PatientRecord(patient=patient, phone=cipher.decrypt_field("phone", row.phone_enc))
+    phone = cipher.decrypt_field("phone", row.phone_enc) if with_phone else None
+    return PatientRecord(patient=patient, phone=phone)
 
 
 def seal_prescription(row: m.Prescription, cipher: PatientCipher, rx: domain.Prescription) -> None:
@@ -79,7 +108,7 @@ def seal_prescription(row: m.Prescription, cipher: PatientCipher, rx: domain.Pre
     row.medication_class, row.refill_due, row.status = rx.medication_class, rx.refill_due, rx.status
 
 
-def open_prescription(row: m.Prescription, cipher: PatientCipher) -> domain.Prescription:
+def open_prescription(row: Any, cipher: PatientCipher) -> domain.Prescription:
     return domain.Prescription(
         rx_id=row.rx_id,
         medication=cipher.decrypt_field(medication_field(row.rx_id), row.medication_enc) or "",
@@ -94,7 +123,7 @@ def set_appointment(row: m.Appointment, appt: domain.Appointment) -> None:
     row.provider, row.location = appt.provider, appt.location
 
 
-def to_appointment(row: m.Appointment) -> domain.Appointment:
+def to_appointment(row: Any) -> domain.Appointment:
     return domain.Appointment(
         appointment_id=row.appointment_id,
         starts_at=row.starts_at,
@@ -156,3 +185,29 @@ def to_consent_event(
         evidence=evidence,
         recorded_by=row.recorded_by,
     )
+
+
+def write_patient(
+    row: m.Patient, cipher: PatientCipher, record: PatientRecord, keyring: Keyring
+) -> None:
+    seal_patient(row, cipher, record)
+    row.phone_index = keyring.phone_index(record.phone) if record.phone else None
+
+
+def update_patient(
+    row: m.Patient, cipher: PatientCipher | None, record: PatientRecord, keyring: Keyring
+) -> Change:
+    if cipher is None or row.erased_at is not None:
+        return "erased"
+    current = open_patient(row, cipher)
+    record = merge_attributes(record, current.patient.attributes)
+    if record == current:
+        return "unchanged"
+    write_patient(row, cipher, record, keyring)
+    return "updated"
+
+
+def merge_attributes(record: PatientRecord, stored: Mapping[str, Any]) -> PatientRecord:
+    attrs = {**stored, **record.patient.attributes}
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    return replace(record, patient=replace(record.patient, attributes=attrs))

@@ -43,14 +43,17 @@ def postgres_admin() -> Iterator[Engine]:
     if os.environ.get("ENGAGE_TEST_SKIP_POSTGRES") == "1":
         pytest.skip("PostgreSQL skipped: ENGAGE_TEST_SKIP_POSTGRES=1")
     admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    problem = None
     try:
         with admin.connect() as connection:
             connection.execute(text("SELECT 1"))
     except OperationalError as exc:
+        problem = str(exc.orig).strip()
+    if problem is not None:
         admin.dispose()
         pytest.fail(
             f"PostgreSQL at {make_url(postgres_admin_url()).render_as_string()} is unreachable "
-            f"({exc.orig}). Start it, point ENGAGE_TEST_POSTGRES_URL at a server, or set "
+            f"({problem}). Start it, point ENGAGE_TEST_POSTGRES_URL at a server, or set "
             "ENGAGE_TEST_SKIP_POSTGRES=1 to skip the PostgreSQL tests explicitly.",
             pytrace=False,
         )

@@ -7,13 +7,8 @@ from datetime import time, timedelta
 import pytest
 
 from engine.core.domain import ConsentState, Rule
-from engine.core.policy import (
-    CompiledPolicySet,
-    PolicyError,
-    compile_policy_set,
-    decide,
-    next_window_start,
-)
+from engine.core.policy import CompiledPolicySet, PolicyError, compile_policy_set, decide
+from engine.core.quiet_hours import next_window_start
 from tests.unit.builders import (
     NOW,
     PURPOSES,

@@ -66,6 +66,7 @@ def upgrade() -> None:
     _consent()
     _definitions()
     _messages()
+    _replies_and_links()
     _access()
     _append_only("consent_events")
 
@@ -266,6 +267,9 @@ def _messages() -> None:
     _index("outbox", "patient_id", "status")
     _index("outbox", "patient_id", "sent_at")
     _index("outbox", "provider_sid")
+
+
+def _replies_and_links() -> None:
     op.create_table(
         "inbound_messages",
         _id(big=True),

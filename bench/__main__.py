@@ -1,0 +1,18 @@
+"""`python -m bench NAME [options]`: run one benchmark; each prints its figures as a table."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import dryrun, population
+
+COMMANDS = {"dryrun": dryrun.main, "population": population.main}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m bench {{{'|'.join(COMMANDS)}}} [options]")
+    COMMANDS[sys.argv[1]](sys.argv[2:])
+
+
+main()

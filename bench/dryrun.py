@@ -1,0 +1,171 @@
+"""Import and dry-run benchmark: rows imported per second, decisions plus renders per second.
+
+    python -m bench dryrun --patients 100000 --db sqlite
+    python -m bench dryrun --patients 100000 --db postgresql
+
+Builds a synthetic population (bench.population), imports it with the real importer
+(encryption on), loads the starter definitions, then dry-runs campaigns at times where
+many occurrences are due. Each dry-run streams patients from the database, decrypts them,
+evaluates the audience, computes occurrences, renders and decides with every starter rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from bench.population import Population, write_population
+from engine.crypto import ensure_key_files, load_keys
+from engine.definitions import load_definitions
+from engine.dryrun import Candidate, DryRunSummary, dry_run
+from engine.importer import import_files
+from engine.settings import Settings
+from engine.store import db, queries
+from engine.store.defqueries import approved_versions, record_review, sync_definitions
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = [  # (campaign, at): times where many occurrences are due
+    ("awareness-monthly", "2026-12-02T00:00:00+00:00"),
+    ("statin-refill", "2026-12-10T20:00:00+00:00"),
+    ("appointment-reminder", "2026-12-12T20:00:00+00:00"),
+]
+
+
+@dataclass
+class Figures:
+    rows: list[tuple[str, str, str]]
+
+    def add(self, what: str, value: str, note: str = "") -> None:
+        self.rows.append((what, value, note))
+        print(f"  {what}: {value} {note}", flush=True)
+
+
+def postgres_database(admin_url: str) -> Iterator[str]:
+    name = f"engage_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(db.normalize_url(admin_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def run(patients: int, database: str, workdir: Path, figures: Figures) -> None:
+    settings = Settings.from_env({"ENGAGE_VAR_DIR": str(workdir), "DATABASE_URL": database})
+    ensure_key_files(settings)
+    keyring = load_keys(settings)
+    engine = db.make_engine(database)
+    db.upgrade(engine)
+    sessions = db.make_session_factory(engine)
+    defs = load_definitions(ROOT)
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        sync_definitions(session=session, defs=defs, now=now)
+        for (tid, loc), t in defs.templates.items():
+            record_review(
+                session=session,
+                template_id=tid,
+                locale=loc,
+                version=t.version,
+                decision="approve",
+                by="bench",
+                now=now,
+            )
+    data = workdir / "population"
+    counts = write_population(Population(patients), data)
+    started = time.perf_counter()
+    import_files(
+        sorted(data.glob("*.csv")),
+        session_factory=sessions,
+        keyring=keyring,
+        progress=False,
+        purposes=set(defs.purposes),
+    )
+    elapsed = time.perf_counter() - started
+    total = sum(counts.values())
+    figures.add(
+        "import",
+        f"{total / elapsed:,.0f} rows/s",
+        f"({total:,} rows of 4 files in {elapsed:.1f} s)",
+    )
+    with sessions() as session:
+        approved = approved_versions(session=session)
+        for campaign_id, at in RUNS:
+            _dry_run(
+                defs, session, keyring, campaign_id, datetime.fromisoformat(at), approved, figures
+            )
+    engine.dispose()
+
+
+def _dry_run(defs, session, keyring, campaign_id, at, approved, figures: Figures) -> None:  # type: ignore[no-untyped-def]
+    summary = DryRunSummary()
+    candidates = (
+        Candidate(d.id, d.patient, d.prescriptions, d.appointments)
+        for d in queries.iter_patients(session=session, keyring=keyring)
+    )
+
+    def consents(ids: list[int]):  # type: ignore[no-untyped-def]
+        return queries.consent_states_for_many(
+            session=session, patient_ids=ids, purposes=list(defs.purposes)
+        )
+
+    started = time.perf_counter()
+    decided = sum(
+        1
+        for _ in dry_run(
+            defs,
+            campaign=defs.campaigns[campaign_id],
+            candidates=candidates,
+            consents_for=consents,
+            at=at,
+            approved_versions=approved,
+            public_url="https://rh.example",
+            summary=summary,
+        )
+    )
+    elapsed = time.perf_counter() - started
+    outcomes = ", ".join(f"{k} {summary.outcomes[k]:,}" for k in ("allow", "defer", "deny"))
+    figures.add(
+        f"dry-run {campaign_id}",
+        f"{decided / elapsed:,.0f} decisions/s",
+        f"({summary.patients_seen / elapsed:,.0f} patients/s scanned; {decided:,} "
+        f"decisions in {elapsed:.1f} s: {outcomes})",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="import and dry-run benchmark")
+    parser.add_argument("--patients", type=int, default=10_000)
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    args = parser.parse_args(argv)
+    figures = Figures([])
+    print(f"bench dryrun: {args.patients:,} patients on {args.db}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="engage-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.db == "sqlite":
+            run(args.patients, f"sqlite:///{workdir / 'bench.db'}", workdir, figures)
+        else:
+            admin = os.environ.get(
+                "ENGAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+            )
+            for url in postgres_database(admin):
+                run(args.patients, url, workdir, figures)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures.add("peak RSS", f"{peak:,.0f} MiB")
+    width = max(len(r[0]) for r in figures.rows)
+    print(f"\n{'measure'.ljust(width)}  figure")
+    for what, value, note in figures.rows:
+        print(f"{what.ljust(width)}  {value} {note}")
