@@ -104,11 +104,10 @@ def dry_run_command(
 
 def _print_json(header: dict, evaluations: Iterator[Evaluation], summary: DryRunSummary) -> None:
     """Stream decisions as they are made; the summary follows them in the same object."""
-    out = click.get_text_stream("stdout")
-    out.write(json.dumps(header)[:-1] + ', "decisions": [')
+    click.echo(json.dumps(header)[:-1] + ', "decisions": [', nl=False)
     for i, evaluation in enumerate(evaluations):
-        out.write(("," if i else "") + "\n  " + json.dumps(decision_json(evaluation)))
-    out.write("\n], " + json.dumps({"summary": _summary_json(summary)})[1:] + "\n")
+        click.echo(("," if i else "") + "\n  " + json.dumps(decision_json(evaluation)), nl=False)
+    click.echo("\n], " + json.dumps({"summary": _summary_json(summary)})[1:])
 
 
 def _summary_json(summary: DryRunSummary) -> dict:
