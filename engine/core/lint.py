@@ -177,16 +177,27 @@ class _Lint:
                 return
 
     def check_free_text(self, compiled: CompiledTemplate, worst: RenderedMessage) -> None:
-        """A pii/phi free-text value (a name, a medication) could turn the message UCS-2."""
+        """A pii/phi free-text value (a name, a medication) could turn the message UCS-2.
+
+        Each variable is tried alone, so one that passes through the `gsm` filter is not
+        blamed for another."""
         free = [n for n in self.uses if self.variables[n].classification != "public"]
         free = [n for n in free if not _typed(self.variables[n])]
-        accented = self.render(compiled, lambda v, n: _worst(v, n, "á" if n in free else "x"))
-        if free and accented and accented.segments > worst.segments:
+        culprits, segments = [], worst.segments
+        for name in free:
+            accented = self.render(
+                compiled, lambda v, n, name=name: _worst(v, n, "á" if n == name else "x")
+            )
+            if accented and accented.encoding == "UCS-2":
+                culprits.append(name)
+                segments = max(segments, accented.segments)
+        if culprits:
             self.add(
                 "warning",
-                min(self.uses[n] for n in free),
-                f"{', '.join(free)} may hold characters outside GSM-7 (such as 'á'), making the"
-                f" message UCS-2: up to {accented.segments} segments instead of {worst.segments}",
+                min(self.uses[n] for n in culprits),
+                f"{', '.join(culprits)} may hold characters outside GSM-7 (such as 'á'), making"
+                f" the message UCS-2 ({segments} segment(s) at worst instead of"
+                f" {worst.segments}): use the gsm filter",
             )
 
 

@@ -268,14 +268,14 @@ def issues_of(body: str, **kwargs: Any) -> list[tuple[str, int | None, str]]:
 
 
 def test_lint_clean_template() -> None:
-    body = "Hi {{ given_name }}, refill due {{ refill_due|date }}. Reply STOP to opt out."
+    body = "Hi {{ given_name|gsm }}, refill due {{ refill_due|date }}. Reply STOP to opt out."
     report = lint(make_template(body), VARIABLES, opt_out_required=True)
     assert [i for i in report.issues if i.severity != "info"] == []
     assert report.variables_used == ("given_name", "refill_due")
     assert report.phi_variables == ()
     assert (report.encoding, report.segments, report.typical_segments) == ("GSM-7", 1, 1)
     assert report.preview == "Hi Ana, refill due March 15. Reply STOP to opt out."
-    assert report.length == len(body) - len("{{ given_name }}{{ refill_due|date }}") + 20 + 8
+    assert report.length == len(body) - len("{{ given_name|gsm }}{{ refill_due|date }}") + 20 + 8
 
 
 @pytest.mark.parametrize(
@@ -331,13 +331,14 @@ PADDING = ". " + "x" * 60
     [
         ("Hi {{ given_name }}" + PADDING, True),  # a name may carry á, ó, í...
         ("Your {{ medication }}" + PADDING, True),
-        ("Hi {{ given_name }}", False),  # UCS-2 would still fit one segment
+        ("Hi {{ given_name }}", True),  # one segment still, but UCS-2 loses the FCC exemption
+        ("Hi {{ given_name|gsm }}" + PADDING, False),  # transliterated to GSM-7
         ("Book {{ link }}" + PADDING, False),  # public
         ("Due {{ refill_due|date }}" + PADDING, False),  # a date, not free text
         ("Hola {{ given_name }}, ¿cómo está?" + PADDING, False),  # already UCS-2
     ],
 )
-def test_lint_warns_when_free_text_could_cost_more_segments(body: str, warned: bool) -> None:
+def test_lint_warns_when_free_text_could_make_the_message_ucs2(body: str, warned: bool) -> None:
     messages = [m for _, _, m in issues_of(body)]
     assert any("outside GSM-7" in m for m in messages) == warned
 
@@ -345,7 +346,13 @@ def test_lint_warns_when_free_text_could_cost_more_segments(body: str, warned: b
 def test_lint_free_text_warning_gives_the_ucs2_size() -> None:
     body = "Hi {{ given_name }}, " + "x" * 60
     (message,) = [m for _, _, m in issues_of(body) if "outside GSM-7" in m]
-    assert "given_name" in message and "up to 2 segments instead of 1" in message
+    assert "given_name" in message and "2 segment(s) at worst instead of 1" in message
+
+
+def test_lint_blames_only_the_variable_that_can_turn_ucs2() -> None:
+    body = "Hi {{ given_name|gsm }}, your {{ medication }} is ready"
+    (message,) = [m for _, _, m in issues_of(body) if "outside GSM-7" in m]
+    assert message.startswith("medication may hold")
 
 
 @pytest.mark.parametrize(
