@@ -30,7 +30,7 @@ from engine.definitions import load_definitions
 from engine.dryrun import Candidate, DryRunSummary, dry_run
 from engine.importer import import_files
 from engine.settings import Settings
-from engine.store import db, queries
+from engine.store import consent_queries, db, queries
 from engine.store.defqueries import approved_versions, record_review, sync_definitions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def _dry_run(defs, session, keyring, campaign_id, at, approved, figures: Figures
     )
 
     def consents(ids: list[int]):  # type: ignore[no-untyped-def]
-        return queries.consent_states_for_many(
+        return consent_queries.consent_states_for_many(
             session=session, patient_ids=ids, purposes=list(defs.purposes)
         )
 

@@ -7,7 +7,7 @@ import click
 from engine.cli_decide import parse_at
 from engine.core.domain import LEGAL_BASES, ConsentEvent
 from engine.runtime import Runtime, UsageProblem
-from engine.store import queries
+from engine.store import consent_queries, queries
 
 
 @click.group()
@@ -49,12 +49,12 @@ def _record(
                 recorded_by=by,
             )
             try:
-                queries.record_consent_event(
+                consent_queries.record_consent_event(
                     session=session, keyring=rt.keyring, event=event, source="cli"
                 )
             except (queries.UnknownPatient, queries.PatientErased) as exc:
                 raise UsageProblem(str(exc)) from exc
-        states = queries.current_consents_for(
+        states = consent_queries.current_consents_for(
             session=session,
             keyring=rt.keyring,
             patient_external_id=patient,

@@ -24,8 +24,8 @@ from engine.dryrun import (
 )
 from engine.evaluate import Evaluation, evaluate_occurrence
 from engine.runtime import Runtime, UsageProblem, utcnow
+from engine.store import consent_queries, queries
 from engine.store import models as m
-from engine.store import queries
 from engine.store.defqueries import approved_versions
 
 
@@ -48,7 +48,7 @@ def candidates(rt: Runtime, session: Session, where: object = None) -> Iterator[
 
 def consent_lookup(session: Session, defs: DefinitionSet):  # type: ignore[no-untyped-def]
     def lookup(ids: list[int]) -> Mapping[int, Mapping[str, ConsentState]]:
-        return queries.consent_states_for_many(
+        return consent_queries.consent_states_for_many(
             session=session, patient_ids=ids, purposes=list(defs.purposes)
         )
 

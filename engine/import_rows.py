@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from engine.core import domain
 from engine.crypto import Keyring
-from engine.store import queries
+from engine.store import consent_queries, queries
 from engine.store.queries import PatientRecord, SlotRecord
 
 T = TypeVar("T")
@@ -373,7 +373,7 @@ def write_consents(session: Session, items: list[Any], context: Context) -> list
     keyring = context.keyring
     ids = queries.patient_ids_for(session=session, external_ids=(e.patient for e in items))
     live = queries.ciphers_for(session=session, keyring=keyring, patient_ids=ids.values())
-    seen = queries.consent_keys_for(session=session, patient_ids=live)
+    seen = consent_queries.consent_keys_for(session=session, patient_ids=live)
     new, outcomes = [], []
     for event in items:
         pid = ids.get(event.patient)
@@ -387,7 +387,7 @@ def write_consents(session: Session, items: list[Any], context: Context) -> list
         seen.add(key)
         new.append((pid, event))
         outcomes.append("imported")
-    queries.record_consent_events(
+    consent_queries.record_consent_events(
         session=session, keyring=keyring, items=new, source=context.source
     )
     return outcomes

@@ -8,21 +8,18 @@ the caller owns the transaction.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from engine.core import domain
-from engine.core.consent import current_consents
 from engine.crypto import Keyring, PatientCipher
 from engine.store import codec
 from engine.store import models as m
 from engine.store.codec import (  # re-exported: callers import them from here
     Change,
-    ConsentKey,
     PatientData,
     PatientErased,
     PatientRecord,
@@ -37,18 +34,18 @@ CHUNK = 500
 T = TypeVar("T")
 
 
-def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _existing(
+def existing_rows(
     session: Session, columns: tuple[Any, ...], keys: Iterable[tuple[Any, ...]]
 ) -> dict[tuple[Any, ...], Any]:
     """Rows of the columns' table whose `columns` values are among `keys`, by key."""
     model = columns[0].class_
     found: dict[tuple[Any, ...], Any] = {}
-    for chunk in _chunks(sorted(set(keys))):
+    for chunk in chunks(sorted(set(keys))):
         for row in session.scalars(select(model).where(tuple_(*columns).in_(chunk))):
             found[tuple(getattr(row, c.key) for c in columns)] = row
     return found
@@ -62,7 +59,7 @@ def ciphers_for(
 ) -> dict[int, PatientCipher]:
     """Unwrapped ciphers by patient row id; erased patients (key destroyed) are absent."""
     ciphers: dict[int, PatientCipher] = {}
-    for chunk in _chunks(sorted(set(patient_ids))):
+    for chunk in chunks(sorted(set(patient_ids))):
         rows = session.execute(
             select(m.Patient.id, m.Patient.external_id, m.PatientKey.wrapped_key)
             .add_columns(m.PatientKey.master_key_id)
@@ -91,11 +88,11 @@ def patient_by_external_id(*, session: Session, external_id: str) -> m.Patient |
 
 def patient_ids_for(*, session: Session, external_ids: Iterable[str]) -> dict[str, int]:
     """Row ids of the patients that exist among `external_ids`."""
-    rows = _existing(session, (m.Patient.external_id,), ((e,) for e in external_ids))
+    rows = existing_rows(session, (m.Patient.external_id,), ((e,) for e in external_ids))
     return {key[0]: row.id for key, row in rows.items()}
 
 
-def _require_patient(session: Session, external_id: str) -> int:
+def require_patient(session: Session, external_id: str) -> int:
     row = patient_by_external_id(session=session, external_id=external_id)
     if row is None:
         raise UnknownPatient(external_id)
@@ -111,7 +108,7 @@ def upsert_patients(
     are replaced. Returns one change per record; erased patients are left untouched.
     """
     keys = ((r.patient.external_id,) for r in records)
-    rows = {k[0]: row for k, row in _existing(session, (m.Patient.external_id,), keys).items()}
+    rows = {k[0]: row for k, row in existing_rows(session, (m.Patient.external_id,), keys).items()}
     by_id = ciphers_for(session=session, keyring=keyring, patient_ids=(r.id for r in rows.values()))
     ciphers = {rows_key: by_id[row.id] for rows_key, row in rows.items() if row.id in by_id}
     changes: list[Change] = []
@@ -225,7 +222,7 @@ def upsert_prescriptions(
     """Insert or update by (patient row id, rx_id); the medication is sealed."""
     ciphers = ciphers_for(session=session, keyring=keyring, patient_ids=(p for p, _ in items))
     cols = (m.Prescription.patient_id, m.Prescription.rx_id)
-    rows = _existing(session, cols, ((pid, rx.rx_id) for pid, rx in items))
+    rows = existing_rows(session, cols, ((pid, rx.rx_id) for pid, rx in items))
     changes: list[Change] = []
     for pid, rx in items:
         cipher, row = ciphers.get(pid), rows.get((pid, rx.rx_id))
@@ -251,7 +248,7 @@ def upsert_prescription(
     patient_external_id: str,
     prescription: domain.Prescription,
 ) -> Change:
-    items = [(_require_patient(session, patient_external_id), prescription)]
+    items = [(require_patient(session, patient_external_id), prescription)]
     return upsert_prescriptions(session=session, keyring=keyring, items=items)[0]
 
 
@@ -260,7 +257,9 @@ def upsert_appointments(
 ) -> list[Change]:
     """Insert or update by appointment_id; one held by another patient is a "conflict"."""
     keys = ((a.appointment_id,) for _, a in items)
-    rows = {k[0]: r for k, r in _existing(session, (m.Appointment.appointment_id,), keys).items()}
+    rows = {
+        k[0]: r for k, r in existing_rows(session, (m.Appointment.appointment_id,), keys).items()
+    }
     changes: list[Change] = []
     for pid, appt in items:
         row = rows.get(appt.appointment_id)
@@ -281,14 +280,14 @@ def upsert_appointments(
 def upsert_appointment(
     *, session: Session, patient_external_id: str, appointment: domain.Appointment
 ) -> Change:
-    items = [(_require_patient(session, patient_external_id), appointment)]
+    items = [(require_patient(session, patient_external_id), appointment)]
     return upsert_appointments(session=session, items=items)[0]
 
 
 def upsert_slots(*, session: Session, slots: Sequence[SlotRecord]) -> list[Change]:
     """Insert or update slots by slot_id; a booking on a slot is never touched."""
     keys = ((s.slot_id,) for s in slots)
-    rows = {k[0]: r for k, r in _existing(session, (m.Slot.slot_id,), keys).items()}
+    rows = {k[0]: r for k, r in existing_rows(session, (m.Slot.slot_id,), keys).items()}
     changes: list[Change] = []
     for slot in slots:
         row = rows.get(slot.slot_id)
@@ -306,143 +305,3 @@ def upsert_slots(*, session: Session, slots: Sequence[SlotRecord]) -> list[Chang
 
 def upsert_slot(*, session: Session, slot: SlotRecord) -> Change:
     return upsert_slots(session=session, slots=[slot])[0]
-
-
-# --- consent ---------------------------------------------------------------------------------
-
-
-def record_consent_events(
-    *,
-    session: Session,
-    keyring: Keyring,
-    items: Sequence[tuple[int, domain.ConsentEvent]],
-    source: str | None = None,
-) -> list[m.ConsentEvent]:
-    """Append events (by patient row id) to the ledger, sealing the evidence.
-
-    Raises PatientErased, writing nothing, when a patient's key has been destroyed.
-    """
-    ciphers = ciphers_for(session=session, keyring=keyring, patient_ids=(p for p, _ in items))
-    missing = [event.patient for pid, event in items if pid not in ciphers]
-    if missing:
-        raise PatientErased(missing[0])
-    rows = [codec.consent_row(pid, event, ciphers[pid], source) for pid, event in items]
-    session.add_all(rows)
-    session.flush()
-    return rows
-
-
-def record_consent_event(
-    *, session: Session, keyring: Keyring, event: domain.ConsentEvent, source: str | None = None
-) -> m.ConsentEvent:
-    """Append one event for `event.patient` (an external id); UnknownPatient if none."""
-    items = [(_require_patient(session, event.patient), event)]
-    return record_consent_events(session=session, keyring=keyring, items=items, source=source)[0]
-
-
-def _ledger(patient_ids: Sequence[int]) -> Select[tuple[m.ConsentEvent, str]]:
-    return (
-        select(m.ConsentEvent, m.Patient.external_id)
-        .join(m.Patient, m.Patient.id == m.ConsentEvent.patient_id)
-        .where(m.ConsentEvent.patient_id.in_(patient_ids))
-        .order_by(m.ConsentEvent.id)
-    )
-
-
-def consent_events_for(
-    *, session: Session, keyring: Keyring, patient_id: int | str
-) -> list[domain.ConsentEvent]:
-    """The patient's ledger in recorded order; `patient_id` is a row id or an external id.
-
-    Evidence is None once the patient's key has been destroyed.
-    """
-    pid = _require_patient(session, patient_id) if isinstance(patient_id, str) else patient_id
-    cipher = ciphers_for(session=session, keyring=keyring, patient_ids=[pid]).get(pid)
-    rows = session.execute(_ledger([pid]))
-    return [codec.to_consent_event(row, external_id, cipher) for row, external_id in rows]
-
-
-def current_consents_for(
-    *,
-    session: Session,
-    keyring: Keyring,
-    patient_external_id: str,
-    purposes: Iterable[str],
-    channel: str = "sms",
-) -> Mapping[str, domain.ConsentState]:
-    """Current consent per purpose, derived from the ledger (engine.core.consent)."""
-    events = consent_events_for(session=session, keyring=keyring, patient_id=patient_external_id)
-    return current_consents(events, purposes=purposes, channel=channel)
-
-
-def consent_states_for_many(
-    *, session: Session, patient_ids: Sequence[int], purposes: Iterable[str], channel: str = "sms"
-) -> dict[int, Mapping[str, domain.ConsentState]]:
-    """Current consent for many patients (by row id), one query per chunk of patients.
-
-    No key is unwrapped: states do not need the evidence.
-    """
-    purposes = tuple(purposes)
-    ledgers: dict[int, list[domain.ConsentEvent]] = {pid: [] for pid in patient_ids}
-    e = m.ConsentEvent
-    columns = (e.patient_id, e.purpose, e.status, e.occurred_at, e.channel, e.legal_basis, e.method)
-    for chunk in _chunks(list(patient_ids)):
-        stmt = select(*columns).where(e.patient_id.in_(chunk)).order_by(e.id)
-        for pid, purpose, status, occurred_at, chan, basis, method in session.execute(stmt):
-            ledgers[pid].append(
-                domain.ConsentEvent(
-                    patient="",
-                    purpose=purpose,
-                    status=status,
-                    occurred_at=occurred_at,
-                    channel=chan,
-                    legal_basis=basis,
-                    method=method,
-                )
-            )
-    return {
-        pid: current_consents(events, purposes=purposes, channel=channel)
-        for pid, events in ledgers.items()
-    }
-
-
-def consent_keys_for(*, session: Session, patient_ids: Iterable[int]) -> set[ConsentKey]:
-    """(patient row id, purpose, status, occurred_at) of every recorded event, for dedup."""
-    e = m.ConsentEvent
-    keys: set[ConsentKey] = set()
-    for chunk in _chunks(sorted(set(patient_ids))):
-        stmt = select(e.patient_id, e.purpose, e.status, e.occurred_at)
-        keys.update(session.execute(stmt.where(e.patient_id.in_(chunk))))
-    return keys
-
-
-# --- suppressions ----------------------------------------------------------------------------
-
-
-def add_suppression(*, session: Session, keyring: Keyring, e164: str, reason: str) -> bool:
-    """Never text this number again; False when it already was suppressed."""
-    index = keyring.phone_index(e164)
-    return suppress_phone_index(session=session, phone_index=index, reason=reason)
-
-
-def suppress_phone_index(*, session: Session, phone_index: str, reason: str) -> bool:
-    """Suppress by blind index (all erasure keeps); safe against concurrent inserts."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    stmt = (
-        dialect.insert(m.Suppression)
-        .values(phone_index=phone_index, reason=reason, created_at=m.utcnow())
-        .on_conflict_do_nothing(index_elements=["phone_index"])
-        .returning(m.Suppression.id)
-    )
-    return session.execute(stmt).first() is not None
-
-
-def is_suppressed(*, session: Session, keyring: Keyring, e164: str) -> bool:
-    index = keyring.phone_index(e164)
-    return bool(suppressed_indexes(session=session, phone_indexes=[index]))
-
-
-def suppressed_indexes(*, session: Session, phone_indexes: Iterable[str]) -> set[str]:
-    """The suppressed ones among `phone_indexes` (a batch check for planners)."""
-    rows = _existing(session, (m.Suppression.phone_index,), ((i,) for i in phone_indexes))
-    return {key[0] for key in rows}

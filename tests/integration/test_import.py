@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine import importer
 from engine.crypto import Keyring
+from engine.store import consent_queries, queries
 from engine.store import models as m
-from engine.store import queries
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "import"
 CSV_FILES = ["patients.csv", "prescriptions.csv", "appointments.csv", "consents.csv", "slots.csv"]
@@ -208,7 +208,7 @@ def test_fhir_bundle_import(
             d.patient.external_id: d
             for d in queries.iter_patients(session=session, keyring=keyring)
         }
-        consents = queries.current_consents_for(
+        consents = consent_queries.current_consents_for(
             session=session, keyring=keyring, patient_external_id="F001", purposes=PURPOSES
         )
         record = queries.load_patient_record(session=session, keyring=keyring, external_id="F001")

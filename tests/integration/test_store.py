@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine.core.domain import Appointment, ConsentEvent, Patient, Prescription
 from engine.crypto import Keyring
+from engine.store import consent_queries, queries
 from engine.store import models as m
-from engine.store import queries
 from engine.store.db import current_revision, head_revision, make_engine, upgrade
 from engine.store.queries import PatientRecord, SlotRecord
 
@@ -191,12 +191,14 @@ def test_consent_is_derived_from_an_append_only_ledger(
             grant("P1", "adherence", T0),
             grant("P1", "adherence", T0 + timedelta(days=3), status="revoked"),
         ):
-            queries.record_consent_event(
+            consent_queries.record_consent_event(
                 session=session, keyring=keyring, event=event, source="test"
             )
         session.commit()
-        ledger = queries.consent_events_for(session=session, keyring=keyring, patient_id="P1")
-        states = queries.current_consents_for(
+        ledger = consent_queries.consent_events_for(
+            session=session, keyring=keyring, patient_id="P1"
+        )
+        states = consent_queries.current_consents_for(
             session=session, keyring=keyring, patient_external_id="P1", purposes=PURPOSES
         )
     assert [(e.purpose, e.status) for e in ledger] == [
@@ -219,7 +221,7 @@ def test_the_database_refuses_to_rewrite_the_consent_ledger(
     with session_factory() as session:
         add_patients(session, keyring, make_record("P1"))
         event = grant("P1", "marketing", T0, status="revoked")
-        queries.record_consent_event(session=session, keyring=keyring, event=event)
+        consent_queries.record_consent_event(session=session, keyring=keyring, event=event)
         session.commit()
     with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
         connection.execute(text(statement))
@@ -235,10 +237,10 @@ def test_consent_states_for_many_patients_at_once(
             session, keyring, *(make_record(f"P{i}", phone=f"+1212555{i:04d}") for i in range(3))
         )
         for event in (grant("P0", "adherence", T0), grant("P2", "marketing", T0)):
-            queries.record_consent_event(session=session, keyring=keyring, event=event)
+            consent_queries.record_consent_event(session=session, keyring=keyring, event=event)
         session.commit()
         ids = queries.patient_ids_for(session=session, external_ids=["P0", "P1", "P2"])
-        states = queries.consent_states_for_many(
+        states = consent_queries.consent_states_for_many(
             session=session, patient_ids=list(ids.values()), purposes=PURPOSES
         )
     active = {
@@ -252,15 +254,17 @@ def test_suppressions_by_blind_index(
     session_factory: sessionmaker[Session], keyring: Keyring
 ) -> None:
     with session_factory() as session:
-        assert queries.add_suppression(
+        assert consent_queries.add_suppression(
             session=session, keyring=keyring, e164="+12125550142", reason="stop"
         )
-        assert not queries.add_suppression(
+        assert not consent_queries.add_suppression(
             session=session, keyring=keyring, e164="+12125550142", reason="stop"
         )
         session.commit()
-        assert queries.is_suppressed(session=session, keyring=keyring, e164="+12125550142")
-        assert not queries.is_suppressed(session=session, keyring=keyring, e164="+12125550143")
+        assert consent_queries.is_suppressed(session=session, keyring=keyring, e164="+12125550142")
+        assert not consent_queries.is_suppressed(
+            session=session, keyring=keyring, e164="+12125550143"
+        )
         stored = session.scalars(select(m.Suppression.phone_index)).all()
     assert stored == [keyring.phone_index("+12125550142")]
 
@@ -270,7 +274,7 @@ def test_an_erased_patient_is_unreadable_and_not_streamed(
 ) -> None:
     with session_factory() as session:
         add_patients(session, keyring, make_record("P1"), make_record("P2", phone="+13055550100"))
-        queries.record_consent_event(
+        consent_queries.record_consent_event(
             session=session, keyring=keyring, event=grant("P1", "adherence", T0)
         )
         pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
@@ -285,7 +289,9 @@ def test_an_erased_patient_is_unreadable_and_not_streamed(
         streamed = [
             d.patient.external_id for d in queries.iter_patients(session=session, keyring=keyring)
         ]
-        ledger = queries.consent_events_for(session=session, keyring=keyring, patient_id=pid)
+        ledger = consent_queries.consent_events_for(
+            session=session, keyring=keyring, patient_id=pid
+        )
         again = queries.upsert_patient(session=session, keyring=keyring, record=make_record("P1"))
     assert streamed == ["P2"]
     assert [(e.status, e.evidence) for e in ledger] == [("granted", None)]
