@@ -14,7 +14,7 @@ from engine.crypto import Keyring
 from engine.store import codec
 from engine.store import models as m
 from engine.store.codec import ConsentKey, PatientErased
-from engine.store.queries import chunks, ciphers_for, existing_rows, require_patient
+from engine.store.queries import chunks, ciphers_for, existing_rows, id_groups, require_patient
 
 # --- consent ---------------------------------------------------------------------------------
 
@@ -94,9 +94,11 @@ def consent_states_for_many(
     ledgers: dict[int, list[domain.ConsentEvent]] = {pid: [] for pid in patient_ids}
     e = m.ConsentEvent
     columns = (e.patient_id, e.purpose, e.status, e.occurred_at, e.channel, e.legal_basis, e.method)
-    for chunk in chunks(list(patient_ids)):
-        stmt = select(*columns).where(e.patient_id.in_(chunk)).order_by(e.id)
+    for criterion, wanted in id_groups(e.patient_id, patient_ids):
+        stmt = select(*columns).where(criterion).order_by(e.id)
         for pid, purpose, status, occurred_at, chan, basis, method in session.execute(stmt):
+            if pid not in wanted:
+                continue
             ledgers[pid].append(
                 domain.ConsentEvent(
                     patient="",
