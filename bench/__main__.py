@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import dryrun, population
+from bench import decide, dryrun, population
 
-COMMANDS = {"dryrun": dryrun.main, "population": population.main}
+COMMANDS = {"decide": decide.main, "dryrun": dryrun.main, "population": population.main}
 
 
 def main() -> None:
