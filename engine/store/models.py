@@ -247,6 +247,7 @@ class Outbox(Base):
         Index(None, "status", "send_at"),
         Index(None, "patient_id", "status"),
         Index(None, "patient_id", "sent_at"),
+        Index(None, "campaign_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -276,6 +277,23 @@ class Outbox(Base):
     sent_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
+    error_code: Mapped[int | None] = mapped_column(Integer)
+    provider_status: Mapped[str | None] = mapped_column(String(16))
+    decided_at: Mapped[datetime | None]
+
+
+class CampaignState(Base):
+    """Operational state of a campaign: paused campaigns are not dispatched."""
+
+    __tablename__ = "campaign_states"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(String(128), unique=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class InboundMessage(Base):

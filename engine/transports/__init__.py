@@ -1,0 +1,1 @@
+"""Transports: one Protocol (base.Transport), and a name-to-factory dict (registry)."""
