@@ -14,7 +14,13 @@ from engine.crypto import Keyring
 from engine.store import codec
 from engine.store import models as m
 from engine.store.codec import ConsentKey, PatientErased
-from engine.store.queries import chunks, ciphers_for, existing_rows, id_groups, require_patient
+from engine.store.queries import (
+    chunks,
+    ciphers_for,
+    existing_rows,
+    id_groups,
+    require_patient,
+)
 
 # --- consent ---------------------------------------------------------------------------------
 
@@ -156,3 +162,13 @@ def suppressed_indexes(*, session: Session, phone_indexes: Iterable[str]) -> set
     """The suppressed ones among `phone_indexes` (a batch check for planners)."""
     rows = existing_rows(session, (m.Suppression.phone_index,), ((i,) for i in phone_indexes))
     return {key[0] for key in rows}
+
+
+def suppressed_patients(*, session: Session, patient_ids: Iterable[int]) -> set[int]:
+    """Patients whose phone number is on the suppression list (STOP, erasure)."""
+    p, s = m.Patient, m.Suppression
+    found: set[int] = set()
+    for criterion, wanted in id_groups(p.id, patient_ids):
+        stmt = select(p.id).join(s, s.phone_index == p.phone_index).where(criterion)
+        found.update(pid for (pid,) in session.execute(stmt) if pid in wanted)
+    return found
