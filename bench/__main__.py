@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import decide, dryrun, population
+from bench import decide, dryrun, population, sandbox
 
-COMMANDS = {"decide": decide.main, "dryrun": dryrun.main, "population": population.main}
+COMMANDS = {
+    "decide": decide.main,
+    "dryrun": dryrun.main,
+    "population": population.main,
+    "sandbox": sandbox.main,
+}
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def dry_run(
             sent: list[SentMessage] = []
             seen_in_audience = False
             for anchor in anchors_of(campaign, candidate):
-                if audience is not None and not _in_audience(
+                if audience is not None and not in_audience(
                     audience, candidate, anchor, at, summary
                 ):
                     continue
@@ -126,7 +126,7 @@ def dry_run(
             summary.in_audience += seen_in_audience
 
 
-def _in_audience(
+def in_audience(
     audience: CompiledExpression,
     candidate: Candidate,
     anchor: Anchor,

@@ -21,11 +21,19 @@ class Settings:
     definitions_dir: Path = Path(".")
     public_url: str = "http://localhost:8000"
     transport: str = "console"
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_api_base_url: str | None = None  # a Twilio-compatible server instead of api.twilio.com
+    twilio_from_number: str | None = None
+    twilio_messaging_service_sid: str | None = None
+    status_callback_url: str | None = None  # None or "": do not ask for status callbacks
+    send_rate_per_second: float = 50.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         var_dir = Path(env.get("ENGAGE_VAR_DIR", "var"))
+        public_url = env.get("ENGAGE_PUBLIC_URL", "http://localhost:8000").rstrip("/")
         return cls(
             var_dir=var_dir,
             database_url=env.get("DATABASE_URL") or f"sqlite:///{var_dir / 'engage.db'}",
@@ -34,8 +42,17 @@ class Settings:
             master_key=env.get("ENGAGE_MASTER_KEY") or None,
             index_key=env.get("ENGAGE_INDEX_KEY") or None,
             definitions_dir=Path(env.get("ENGAGE_DEFINITIONS_DIR", ".")),
-            public_url=env.get("ENGAGE_PUBLIC_URL", "http://localhost:8000").rstrip("/"),
+            public_url=public_url,
             transport=env.get("ENGAGE_TRANSPORT", "console"),
+            twilio_account_sid=env.get("TWILIO_ACCOUNT_SID") or None,
+            twilio_auth_token=env.get("TWILIO_AUTH_TOKEN") or None,
+            twilio_api_base_url=(env.get("TWILIO_API_BASE_URL") or "").rstrip("/") or None,
+            twilio_from_number=env.get("TWILIO_FROM_NUMBER") or None,
+            twilio_messaging_service_sid=env.get("TWILIO_MESSAGING_SERVICE_SID") or None,
+            status_callback_url=env.get(
+                "ENGAGE_STATUS_CALLBACK_URL", f"{public_url}/twilio/status"
+            ),
+            send_rate_per_second=float(env.get("ENGAGE_SEND_RATE", "50")),
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -64,8 +64,8 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], offset: int) ->
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node)) if key_node.tag else key_node.value
-            key = key if isinstance(key, str | int) else str(key)
+            # Keys are names: YAML 1.1 would read `on:` or `no:` as booleans.
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
             if key in result:
                 raise yaml.MarkedYAMLError(
                     problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark

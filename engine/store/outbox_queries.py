@@ -1,20 +1,43 @@
-"""Outbox reads shared by the planner and the dispatcher (keyword-only)."""
+"""Outbox reads and writes shared by the planner, the dispatcher and `engage status`
+(keyword-only; nothing here commits: the caller owns the transaction)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import JSON, ColumnElement, cast, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from engine.core.domain import History, SentMessage
-from engine.outbox_status import COUNTS_AS_SENT
+from engine.outbox_status import (
+    BLOCKED,
+    CANCELLED,
+    COUNTS_AS_SENT,
+    DEFERRED,
+    EXPIRED,
+    FAILED,
+    QUEUED,
+    UNKNOWN,
+    WAITING,
+)
 from engine.store import models as m
-from engine.store.queries import id_groups
+from engine.store.queries import chunks, id_groups
 
 HISTORY_WINDOW = timedelta(days=7)
+# Statuses whose reasons say why a row was not (or not yet) sent.
+EXPLAINED = (BLOCKED, DEFERRED, EXPIRED, CANCELLED)
+
+
+def body_field(idempotency_key: str) -> str:
+    """The field name (associated data) sealing an outbox row's body with the patient's key."""
+    return f"outbox/{idempotency_key}/body"
 
 
 def histories_for(
@@ -41,3 +64,187 @@ def histories_for(
             if pid in wanted and at is not None and at > since:
                 sent[pid].append(SentMessage(at, purpose))
     return {pid: History(tuple(sorted(sent.get(pid, ()), key=lambda s: s.at))) for pid in ids}
+
+
+def queued_for(
+    *,
+    session: Session,
+    patient_ids: Iterable[int],
+    now: datetime,
+    window: timedelta = HISTORY_WINDOW,
+) -> dict[int, list[SentMessage]]:
+    """Rows planned to be sent (queued) to each patient, at their send_at.
+
+    The planner counts them as sent, as it counts the messages it allows earlier in the
+    same tick, so a decision does not depend on which tick planned its neighbours.
+    """
+    o = m.Outbox
+    found: dict[int, list[SentMessage]] = defaultdict(list)
+    since = now - window
+    for criterion, wanted in id_groups(o.patient_id, patient_ids):
+        stmt = select(o.patient_id, o.purpose, o.send_at).where(
+            criterion, o.status == QUEUED, o.send_at > since
+        )
+        for pid, purpose, send_at in session.execute(stmt):
+            if pid in wanted:
+                found[pid].append(SentMessage(send_at, purpose))
+    return found
+
+
+def existing_keys(*, session: Session, keys: Iterable[str]) -> set[str]:
+    """The idempotency keys among `keys` that already have an outbox row."""
+    o = m.Outbox
+    found: set[str] = set()
+    for chunk in chunks(sorted(set(keys))):
+        found.update(session.scalars(select(o.idempotency_key).where(o.idempotency_key.in_(chunk))))
+    return found
+
+
+def _dialect(session: Session) -> Any:
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+
+
+def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Insert rows, skipping any whose idempotency key exists; the new rows' ids by key.
+
+    INSERT ... ON CONFLICT (idempotency_key) DO NOTHING: concurrent planners never make a
+    second row for an occurrence. Rows go in key order, so two planners inserting the same
+    keys take their locks in the same order and cannot deadlock.
+    """
+    if not rows:
+        return {}
+    table = m.Outbox.__table__
+    stmt = (
+        _dialect(session)
+        .insert(table)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(table.c.idempotency_key, table.c.id)
+    )
+    ordered = sorted(rows, key=lambda r: str(r["idempotency_key"]))
+    return {key: row_id for key, row_id in session.execute(stmt, ordered)}
+
+
+def insert_scheduling_links(*, session: Session, links: Sequence[Mapping[str, Any]]) -> None:
+    """Store self-scheduling links (their token hashes, never the tokens)."""
+    if links:
+        session.execute(m.SchedulingLink.__table__.insert(), list(links))
+
+
+def expire_overdue(*, session: Session, now: datetime) -> int:
+    """Rows still waiting (queued, deferred) whose expiry has passed become `expired`, with
+    an `expired` reason appended; returns how many."""
+    o = m.Outbox
+    reason = {
+        "rule": "expired",
+        "policy": "engage",
+        "effect": "deny",
+        "message": f"not sent before it expired (found at {now.isoformat()})",
+        "cite": None,
+    }
+    stmt = (
+        update(o)
+        .where(o.status.in_(WAITING), o.expires_at <= now)
+        .values(status=EXPIRED, reasons=_appended(session, o.reasons, reason))
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount or 0
+
+
+def _appended(session: Session, column: Any, item: Mapping[str, Any]) -> ColumnElement[Any]:
+    """`column` (a JSON list) with `item` appended, in SQL."""
+    text = json.dumps([item])
+    if session.get_bind().dialect.name == "postgresql":
+        joined = cast(column, JSONB).op("||")(cast(literal(text), JSONB))
+        return cast(joined, JSON)
+    return func.json_insert(func.coalesce(column, "[]"), "$[#]", func.json(json.dumps(item)))
+
+
+# --- campaign pause ------------------------------------------------------------------------
+
+
+def paused_campaigns(*, session: Session) -> set[str]:
+    """Campaigns an operator paused: neither planned nor dispatched."""
+    s = m.CampaignState
+    return set(session.scalars(select(s.campaign_id).where(s.paused)))
+
+
+def is_paused(*, session: Session, campaign_id: str) -> bool:
+    s = m.CampaignState
+    return bool(session.scalar(select(s.paused).where(s.campaign_id == campaign_id)))
+
+
+def set_paused(*, session: Session, campaign_id: str, paused: bool, by: str, now: datetime) -> bool:
+    """Pause or resume a campaign (upsert); True when its state changed."""
+    was = is_paused(session=session, campaign_id=campaign_id)
+    values = {"paused": paused, "updated_at": now, "updated_by": by}
+    stmt = (
+        _dialect(session)
+        .insert(m.CampaignState)
+        .values(campaign_id=campaign_id, **values)
+        .on_conflict_do_update(index_elements=["campaign_id"], set_=values)
+    )
+    session.execute(stmt)
+    return was != paused
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnknownRow:
+    """A row a crash left `sending` that the provider could not account for."""
+
+    id: int
+    campaign_id: str
+    patient: str
+    claimed_at: datetime | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    by_status: Mapping[str, int]
+    by_rule: Mapping[tuple[str, str], int]
+    failed_by_error: Mapping[int | None, int]
+    unknown: Sequence[UnknownRow]
+
+
+def deciding_rule(status: str, reasons: Sequence[Mapping[str, Any]] | None) -> str:
+    """The rule a row's status is down to: the first deny (blocked) or defer (deferred,
+    expired after a deferral) reason, else the last reason (e.g. `expired`)."""
+    reasons = reasons or []
+    wanted = "deny" if status == BLOCKED else "defer"
+    for reason in reasons:
+        if reason.get("effect") == wanted:
+            return str(reason.get("rule"))
+    return str(reasons[-1].get("rule")) if reasons else "?"
+
+
+def outbox_status(*, session: Session, campaign_id: str | None = None) -> OutboxStatus:
+    """Counts by status, by deciding rule and by provider error, and every unknown row."""
+    o = m.Outbox
+    where = [] if campaign_id is None else [o.campaign_id == campaign_id]
+    by_status = dict(
+        session.execute(select(o.status, func.count()).where(*where).group_by(o.status)).all()
+    )
+    by_rule: Counter[tuple[str, str]] = Counter()
+    stmt = select(o.status, o.reasons).where(*where, o.status.in_(EXPLAINED))
+    for status, reasons in session.execute(stmt.execution_options(yield_per=1000)):
+        by_rule[(status, deciding_rule(status, reasons))] += 1
+    failed = select(o.error_code, func.count()).where(*where, o.status == FAILED)
+    unknown = (
+        select(o.id, o.campaign_id, m.Patient.external_id, o.claimed_at, o.last_error)
+        .join(m.Patient, m.Patient.id == o.patient_id)
+        .where(*where, o.status == UNKNOWN)
+        .order_by(o.id)
+    )
+    return OutboxStatus(
+        by_status=by_status,
+        by_rule=dict(by_rule),
+        failed_by_error=dict(session.execute(failed.group_by(o.error_code)).all()),
+        unknown=[UnknownRow(*row) for row in session.execute(unknown)],
+    )
+
+
+def campaigns_with_rows(*, session: Session) -> set[str]:
+    return set(session.scalars(select(m.Outbox.campaign_id).distinct()))

@@ -6,6 +6,21 @@
     settings         engine.settings.Settings with var_dir, key files and database_url
     keyring          engine.crypto.Keyring from freshly created key files (mode 0600)
 
+Provider sandbox (no database; not parametrised):
+
+    sandbox          a running sandbox server (engine.sandbox) on a free 127.0.0.1 port, for
+                     this test: .url, .account_sid, .auth_token, .messages(to=, status=)
+                     (accepted messages in Twilio's JSON, oldest first), .accepted_per_to()
+                     (above 1 for a number = a duplicate text), .create_requests_per_to(),
+                     .callbacks(), .set_faults(**FaultConfig fields) (replaces all faults),
+                     .reset(), .sandbox (the in-process engine.sandbox.service.Sandbox) and
+                     .settings_for(settings) -> those settings pointed at it (transport
+                     "twilio", its URL and credentials). Timeout faults hang 2 s.
+    sandbox_factory  start_sandbox(**SandboxConfig fields) -> another handle like `sandbox`,
+                     for a test that needs other timings (hang_seconds, delivered_delay_ms,
+                     date_sent_day_granular...); stopped after the test
+    twilio_settings  Settings without a database, pointed at `sandbox`
+
 PostgreSQL: a database named engage_test_<random> is created for each test on the server
 named by ENGAGE_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test)
 and dropped afterwards. If the server cannot be reached the test FAILS; set
@@ -16,8 +31,10 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -26,6 +43,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.crypto import Keyring, ensure_key_files, load_keys
+from engine.sandbox.client import SandboxClient
+from engine.sandbox.config import SANDBOX_FROM_NUMBER, SandboxConfig
+from engine.sandbox.server import SandboxServer
+from engine.sandbox.service import Sandbox
 from engine.settings import Settings
 from engine.store.db import make_engine, make_session_factory, normalize_url, upgrade
 
@@ -112,3 +133,88 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 def keyring(settings: Settings) -> Keyring:
     ensure_key_files(settings)
     return load_keys(settings)
+
+
+@dataclass
+class SandboxHandle:
+    """A running sandbox server and a client for its control endpoints."""
+
+    server: SandboxServer
+    client: SandboxClient
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def account_sid(self) -> str:
+        return self.server.config.account_sid
+
+    @property
+    def auth_token(self) -> str:
+        return self.server.config.auth_token
+
+    @property
+    def sandbox(self) -> Sandbox:
+        return self.server.sandbox
+
+    def messages(self, *, to: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        return self.client.messages(to=to, status=status)
+
+    def accepted_per_to(self) -> dict[str, int]:
+        return self.client.accepted_per_to()
+
+    def create_requests_per_to(self) -> dict[str, int]:
+        return self.client.create_requests_per_to()
+
+    def callbacks(self) -> dict[str, int]:
+        return self.client.callbacks()
+
+    def set_faults(self, faults: dict[str, Any] | None = None, **settings: Any) -> dict[str, Any]:
+        return self.client.set_faults(faults, **settings)
+
+    def reset(self) -> None:
+        self.client.reset()
+
+    def settings_for(self, settings: Settings) -> Settings:
+        return settings.with_(
+            transport="twilio",
+            twilio_api_base_url=self.url,
+            twilio_account_sid=self.account_sid,
+            twilio_auth_token=self.auth_token,
+            twilio_from_number=SANDBOX_FROM_NUMBER,
+        )
+
+
+@pytest.fixture
+def sandbox_factory() -> Iterator[Callable[..., SandboxHandle]]:
+    handles: list[SandboxHandle] = []
+
+    def start_sandbox(**config: Any) -> SandboxHandle:
+        server = SandboxServer(SandboxConfig(**{"port": 0, "hang_seconds": 2.0, **config}))
+        handle = SandboxHandle(server, SandboxClient(server.start()))
+        handles.append(handle)
+        return handle
+
+    yield start_sandbox
+    for handle in handles:
+        handle.client.close()
+        handle.server.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_factory: Callable[..., SandboxHandle]) -> SandboxHandle:
+    return sandbox_factory()
+
+
+@pytest.fixture
+def twilio_settings(tmp_path: Path, sandbox: SandboxHandle) -> Settings:
+    var = tmp_path / "var"
+    return sandbox.settings_for(
+        Settings(
+            var_dir=var,
+            database_url=f"sqlite:///{var / 'engage.db'}",
+            master_key_file=var / "master.key",
+            index_key_file=var / "index.key",
+        )
+    )

@@ -1,0 +1,273 @@
+"""Planner tick: due occurrences -> decisions -> outbox rows, one row per occurrence ever.
+
+Patients are streamed as the dry-run streams them (engine.dryrun: iter_patients batches,
+the audience filter, schedule.occurrences) and every occurrence is decided with the same
+engine.evaluate.evaluate_occurrence, but against the real outbox history, for the time
+it is due. Each batch is decided in a read transaction, then written in a transaction
+that starts with its INSERT (on SQLite, no read-then-write lock upgrade) and commits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from itertools import islice
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.core import schedule
+from engine.core.domain import Campaign, ConsentState, History, SentMessage
+from engine.crypto import Keyring, PatientCipher
+from engine.definitions import DefinitionSet
+from engine.dryrun import Candidate, DryRunSummary, in_audience, anchors_of
+from engine.outbox_status import QUEUED
+from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row
+from engine.store import consent_queries, outbox_queries, queries
+from engine.store.defqueries import approved_versions
+
+DEFAULT_HORIZON = timedelta(minutes=5)
+
+
+@dataclass
+class CampaignPlan:
+    """One campaign's share of a tick; `summary` counts the rows this tick inserted."""
+
+    summary: DryRunSummary = field(default_factory=DryRunSummary)
+    statuses: Counter[str] = field(default_factory=Counter)
+    inserted: int = 0
+    already_present: int = 0  # including `raced`
+    raced: int = 0  # decided, but another planner inserted the row first
+    links: int = 0
+
+
+@dataclass
+class PlanReport:
+    now: datetime
+    horizon: timedelta
+    campaigns: dict[str, CampaignPlan] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    patients_seen: int = 0
+    expired: int = 0
+    duration: float = 0.0
+
+    @property
+    def inserted(self) -> int:
+        return sum(c.inserted for c in self.campaigns.values())
+
+    @property
+    def already_present(self) -> int:
+        return sum(c.already_present for c in self.campaigns.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "now": self.now.isoformat(),
+            "horizon_seconds": int(self.horizon.total_seconds()),
+            "patients": self.patients_seen,
+            "inserted": self.inserted,
+            "already_present": self.already_present,
+            "expired": self.expired,
+            "duration_seconds": round(self.duration, 3),
+            "skipped": dict(self.skipped),
+            "campaigns": {cid: _campaign_json(c) for cid, c in sorted(self.campaigns.items())},
+        }
+
+
+def _campaign_json(c: CampaignPlan) -> dict[str, Any]:
+    return {
+        "allow": c.summary.outcomes["allow"],
+        "defer": c.summary.outcomes["defer"],
+        "deny": c.summary.outcomes["deny"],
+        "by_status": dict(c.statuses),
+        "by_rule": dict(c.summary.deciding_rules.most_common()),
+        "inserted": c.inserted,
+        "already_present": c.already_present,
+        "raced": c.raced,
+        "links": c.links,
+        "in_audience": c.summary.in_audience,
+        "audience_errors": c.summary.audience_errors,
+        "unapproved_templates": sorted(c.summary.unapproved_templates),
+    }
+
+
+@dataclass(frozen=True)
+class _Tick:
+    rows: RowContext
+    session_factory: sessionmaker[Session]
+    keyring: Keyring
+    not_after: datetime
+    campaigns: tuple[Campaign, ...]
+    report: PlanReport
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What decisions need about a batch's patients, read in one transaction."""
+
+    consents: Mapping[int, Mapping[str, ConsentState]]
+    sent: Mapping[int, History]
+    queued: Mapping[int, list[SentMessage]]
+    suppressed: Collection[int]
+    ciphers: Mapping[int, PatientCipher]
+
+
+def plan(
+    defs: DefinitionSet,
+    *,
+    session_factory: sessionmaker[Session],
+    keyring: Keyring,
+    now: datetime,
+    horizon: timedelta = DEFAULT_HORIZON,
+    public_url: str,
+    batch_size: int = 1000,
+) -> PlanReport:
+    """Expire overdue rows, then plan every active campaign's occurrences due by
+    now + horizon and alive at now that have no outbox row yet."""
+    started = time.perf_counter()
+    report = PlanReport(now=now, horizon=horizon)
+    with session_factory.begin() as session:
+        report.expired = outbox_queries.expire_overdue(session=session, now=now)
+    with session_factory() as session:
+        paused = outbox_queries.paused_campaigns(session=session)
+        approved = approved_versions(session=session)
+    campaigns = _active_campaigns(defs, paused, report)
+    tick = _Tick(
+        rows=RowContext(defs, now, approved, public_url.rstrip("/")),
+        session_factory=session_factory,
+        keyring=keyring,
+        not_after=now + horizon,
+        campaigns=campaigns,
+        report=report,
+    )
+    if campaigns:
+        with session_factory() as reader:
+            stream = _candidates(reader, keyring, batch_size)
+            while batch := list(islice(stream, batch_size)):
+                report.patients_seen += len(batch)
+                _plan_batch(tick, batch)
+    report.duration = time.perf_counter() - started
+    return report
+
+
+def _active_campaigns(
+    defs: DefinitionSet, paused: Collection[str], report: PlanReport
+) -> tuple[Campaign, ...]:
+    active = []
+    for campaign_id in sorted(defs.campaigns):
+        campaign = defs.campaigns[campaign_id]
+        if campaign.status != "active":
+            report.skipped[campaign_id] = "paused in its definition"
+        elif campaign_id in paused:
+            report.skipped[campaign_id] = "paused"
+        else:
+            active.append(campaign)
+            report.campaigns[campaign_id] = CampaignPlan()
+    return tuple(active)
+
+
+def _candidates(session: Session, keyring: Keyring, batch_size: int) -> Iterator[Candidate]:
+    for data in queries.iter_patients(session=session, keyring=keyring, batch_size=batch_size):
+        yield Candidate(data.id, data.patient, data.prescriptions, data.appointments)
+
+
+def _plan_batch(tick: _Tick, batch: list[Candidate]) -> None:
+    pending = list(_due(tick, batch))
+    if not pending:
+        return
+    with tick.session_factory() as session:
+        present = outbox_queries.existing_keys(
+            session=session, keys=(p.occurrence.idempotency_key for p in pending)
+        )
+        fresh = [p for p in pending if p.occurrence.idempotency_key not in present]
+        for p in pending:
+            if p.occurrence.idempotency_key in present:
+                tick.report.campaigns[p.campaign.id].already_present += 1
+        if not fresh:
+            return
+        facts = _read_facts(tick, session, sorted({p.patient_row for p in fresh}))
+    rows = _decide(tick, fresh, facts)
+    with tick.session_factory.begin() as session:
+        ids = outbox_queries.insert_outbox_rows(session=session, rows=[r.values for r in rows])
+        links = [{**r.link, "outbox_id": ids[r.key]} for r in rows if r.link and r.key in ids]
+        outbox_queries.insert_scheduling_links(session=session, links=links)
+    _tally(tick.report, rows, ids)
+
+
+def _due(tick: _Tick, batch: list[Candidate]) -> Iterator[Pending]:
+    """Occurrences due by the horizon and alive now, of every active campaign, in the
+    dry-run's order: by campaign, anchor record, then due time."""
+    now = tick.rows.now
+    for campaign in tick.campaigns:
+        audience = tick.rows.defs.audiences.get(campaign.id)
+        summary = tick.report.campaigns[campaign.id].summary
+        for candidate in batch:
+            seen = False
+            for anchor in anchors_of(campaign, candidate):
+                if audience is not None and not in_audience(
+                    audience, candidate, anchor, now, summary
+                ):
+                    continue
+                seen = True
+                found = schedule.occurrences(
+                    campaign, candidate.patient, anchor, not_after=tick.not_after, alive_at=now
+                )
+                for occurrence in found:
+                    yield Pending(candidate.row_id, candidate.patient, campaign, anchor, occurrence)
+            summary.in_audience += seen
+
+
+def _read_facts(tick: _Tick, session: Session, ids: list[int]) -> _Facts:
+    now = tick.rows.now
+    purposes = list(tick.rows.defs.purposes)
+    return _Facts(
+        consents=consent_queries.consent_states_for_many(
+            session=session, patient_ids=ids, purposes=purposes
+        ),
+        sent=outbox_queries.histories_for(session=session, patient_ids=ids, now=now),
+        queued=outbox_queries.queued_for(session=session, patient_ids=ids, now=now),
+        suppressed=consent_queries.suppressed_patients(session=session, patient_ids=ids),
+        ciphers=queries.ciphers_for(session=session, keyring=tick.keyring, patient_ids=ids),
+    )
+
+
+def _decide(tick: _Tick, fresh: list[Pending], facts: _Facts) -> list[PlannedRow]:
+    """Decide each patient's occurrences earliest first (ties in campaign id order); a row
+    queued counts as sent for the next ones (frequency caps), as in the dry-run."""
+    by_patient: dict[int, list[Pending]] = defaultdict(list)
+    for p in fresh:
+        by_patient[p.patient_row].append(p)
+    rows: list[PlannedRow] = []
+    for pid, items in by_patient.items():
+        cipher = facts.ciphers.get(pid)
+        if cipher is None:  # erased since it was streamed
+            continue
+        sent = [*facts.sent[pid].sent, *facts.queued.get(pid, ())]
+        for item in sorted(items, key=lambda p: p.occurrence.due_at):
+            row = planned_row(
+                tick.rows,
+                item=item,
+                consents=facts.consents.get(pid, {}),
+                history=History(tuple(sent)),
+                suppressed=pid in facts.suppressed,
+                cipher=cipher,
+            )
+            if row.status == QUEUED:
+                sent.append(SentMessage(row.values["send_at"], item.campaign.purpose))
+            rows.append(row)
+    return rows
+
+
+def _tally(report: PlanReport, rows: list[PlannedRow], ids: Mapping[str, int]) -> None:
+    for row in rows:
+        plan = report.campaigns[row.values["campaign_id"]]
+        if row.key not in ids:  # another planner inserted it first
+            plan.already_present += 1
+            plan.raced += 1
+            continue
+        plan.inserted += 1
+        plan.statuses[row.status] += 1
+        plan.links += row.link is not None
+        plan.summary.add(row.evaluation)
