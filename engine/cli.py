@@ -186,10 +186,10 @@ def approve(
 
 
 def _register() -> None:
-    from engine import cli_consent, cli_decide
+    from engine import cli_consent, cli_decide, cli_ops, cli_sandbox, cli_worker
 
-    cli_decide.register(main)
-    cli_consent.register(main)
+    for module in (cli_decide, cli_consent, cli_ops, cli_worker, cli_sandbox):
+        module.register(main)
 
 
 _register()

@@ -23,7 +23,7 @@ from engine.core import schedule
 from engine.core.domain import Campaign, ConsentState, History, SentMessage
 from engine.crypto import Keyring, PatientCipher
 from engine.definitions import DefinitionSet
-from engine.dryrun import Candidate, DryRunSummary, in_audience, anchors_of
+from engine.dryrun import Candidate, DryRunSummary, anchors_of, in_audience
 from engine.outbox_status import QUEUED
 from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row
 from engine.store import consent_queries, outbox_queries, queries

@@ -25,6 +25,7 @@ from engine.transports.base import OutboundMessage, ProviderError, SendResult, S
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 10.0
 POOL_SIZE = 64
+RECONCILE_LIMIT = 1000  # messages to one number read when reconciling
 TWILIO_API = "https://api.twilio.com"
 _PHONE = re.compile(r"\+\d[\d\s().-]*\d|\d[\d\s().-]{5,}\d")  # +anything, or 7+ digits
 
@@ -199,22 +200,30 @@ class TwilioTransport:
             args["status_callback"] = f"{self._callback}{sep}ref={message.reference}"
         return args
 
-    def sent_since(self, *, to: str, since: datetime) -> list[SentRecord]:
+    def sent_since(self, *, to: str, since: datetime) -> list[SentRecord] | None:
         """Messages to `to` created at or after `since` (to the second, as Twilio's dates
-        are). Asks with DateSent>= the start of that UTC day, since some providers compare
-        DateSent by day, then filters on date_created here. A message still queued has no
-        DateSent and is not found. Raises ProviderError when the provider cannot answer."""
+        are), or None when the provider cannot tell.
+
+        No DateSent filter: a message still queued at the provider has no DateSent, and
+        missing it would let reconciliation resend it. Instead the newest RECONCILE_LIMIT
+        messages to the number are read and filtered on date_created here; if that many
+        all fall in the window, older ones might too, and the answer is "cannot tell".
+        Raises ProviderError when the provider cannot answer."""
         floor = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(UTC)
         floor = floor.replace(microsecond=0)
-        day = floor.replace(hour=0, minute=0, second=0)
         try:
-            found = [
-                m
-                for m in self.messages.stream(to=to, date_sent_after=day, page_size=self._page_size)
-                if m.to == to and m.date_created is not None and m.date_created >= floor
-            ]
+            listed = list(
+                self.messages.stream(to=to, page_size=self._page_size, limit=RECONCILE_LIMIT)
+            )
         except EXPECTED as exc:
             raise provider_error(exc) from exc
+        found = [
+            m
+            for m in listed
+            if m.to == to and m.date_created is not None and m.date_created >= floor
+        ]
+        if len(listed) >= RECONCILE_LIMIT and len(found) == len(listed):
+            return None
         return [
             SentRecord(
                 provider_sid=m.sid or "",

@@ -1,0 +1,167 @@
+"""Record what the provider said about claimed rows, in short transactions.
+
+Every update is guarded by `status = sending AND claimed_by = this worker`: a row that
+reconciliation has taken over meanwhile is left alone (and logged).
+
+    accepted                          -> sent, provider sid, sent_at
+    21610 opted out                   -> failed; consent revoked for every purpose
+                                         (method carrier_opt_out) and the number suppressed
+    invalid number, filtered, other   -> failed, no retry
+    transient (429, 5xx, 30001/30008,
+    no answer)                        -> queued at now + backoff, attempts + 1;
+                                         failed after max_attempts
+    worker stopping before the call   -> queued again, claim released
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from engine import outbox_status as status
+from engine.core.domain import ConsentEvent
+from engine.crypto import Keyring
+from engine.definitions import DefinitionSet
+from engine.dispatch_send import SendOutcome, describe, earliest, retry_at
+from engine.store import consent_queries
+from engine.store import models as m
+from engine.store.codec import PatientErased
+
+log = logging.getLogger("engine.dispatch")
+
+DEFAULT_MAX_ATTEMPTS = 6
+OPT_OUT_METHOD = "carrier_opt_out"
+
+
+@dataclass(frozen=True)
+class RecordContext:
+    worker_id: str
+    now: datetime
+    defs: DefinitionSet
+    keyring: Keyring
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    rng: random.Random | None = None
+
+
+def record_outcomes(
+    *, session: Session, outcomes: Sequence[SendOutcome], ctx: RecordContext
+) -> dict[str, int]:
+    """Write each outcome onto its row; returns counts by what happened."""
+    ids = [o.claimed.outbox_id for o in outcomes]
+    o = m.Outbox
+    mine = (o.status == status.SENDING, o.claimed_by == ctx.worker_id)
+    rows = {row.id: row for row in session.scalars(select(o).where(o.id.in_(ids), *mine))}
+    counts: dict[str, int] = {}
+    opted_out: dict[int, int] = {}
+    for outcome in outcomes:
+        row = rows.get(outcome.claimed.outbox_id)
+        if row is None:
+            log.warning(
+                "dispatch.claim_lost",
+                extra={"fields": {"worker": ctx.worker_id, "outbox_id": outcome.claimed.outbox_id}},
+            )
+            what = "claim_lost"
+        else:
+            what = _apply(session, row, outcome, ctx)
+            if what == "opted_out":
+                opted_out[row.patient_id] = outcome.error.code if outcome.error else 0
+        counts[what] = counts.get(what, 0) + 1
+    for patient_id, code in opted_out.items():
+        revoke_for_carrier_opt_out(session=session, patient_id=patient_id, code=code, ctx=ctx)
+    session.flush()
+    return counts
+
+
+def _apply(session: Session, row: m.Outbox, outcome: SendOutcome, ctx: RecordContext) -> str:
+    if outcome.released:
+        row.status, row.claimed_by = status.QUEUED, None
+        row.claimed_at = outcome.claimed.previous_claim_at
+        return "released"
+    if outcome.found:
+        return _found(session, row, outcome, ctx)
+    row.attempts += 1
+    if outcome.result is not None:
+        row.status, row.provider_sid = status.SENT, outcome.result.provider_sid
+        row.provider_status, row.sent_at = outcome.result.status, ctx.now
+        return "sent"
+    error = outcome.error
+    assert error is not None
+    row.error_code, row.last_error = error.code, describe(error)
+    if error.kind != "transient":
+        row.status = status.FAILED
+        return "opted_out" if error.kind == "opted_out" else "failed"
+    if row.attempts >= ctx.max_attempts:
+        row.status = status.FAILED
+        row.last_error = f"gave up after {row.attempts} attempts; last: {row.last_error}"
+        return "failed"
+    row.status, row.claimed_by = status.QUEUED, None
+    row.send_at = retry_at(ctx.now, row.attempts - 1, ctx.rng)
+    return "retried"
+
+
+def _found(session: Session, row: m.Outbox, outcome: SendOutcome, ctx: RecordContext) -> str:
+    """An earlier attempt reached the provider after all: record it, do not send again."""
+    taken = sids_taken(session=session, sids=[r.provider_sid for r in outcome.found], but=row.id)
+    record = earliest(outcome.found, taken=taken)
+    if record is None:  # every match belongs to another row: this one never went out
+        row.status, row.claimed_by, row.claimed_at = status.QUEUED, None, None
+        row.send_at = ctx.now
+        return "released"
+    row.status, row.provider_sid = status.SENT, record.provider_sid
+    row.provider_status, row.sent_at = record.status, record.created_at
+    row.last_error = f"an earlier attempt was accepted after all (found {record.provider_sid})"
+    return "sent"
+
+
+def sids_taken(*, session: Session, sids: Sequence[str], but: int) -> set[str]:
+    """Which of these provider sids other outbox rows already hold."""
+    if not sids:
+        return set()
+    o = m.Outbox
+    stmt = select(o.provider_sid).where(o.provider_sid.in_(sorted(set(sids))), o.id != but)
+    return {sid for (sid,) in session.execute(stmt) if sid}
+
+
+def revoke_for_carrier_opt_out(
+    *, session: Session, patient_id: int, code: int, ctx: RecordContext
+) -> None:
+    """The carrier says the number opted out (Twilio 21610: it replied STOP to this sender).
+
+    Record the revocation of every purpose in the consent ledger and suppress the number,
+    as an inbound STOP would (CTIA Messaging Principles 5.1.1; 47 CFR 64.1200(a)(10)).
+    """
+    patient = session.get(m.Patient, patient_id)
+    if patient is None:
+        return
+    events = [
+        (
+            patient_id,
+            ConsentEvent(
+                patient=patient.external_id,
+                purpose=purpose,
+                status="revoked",
+                occurred_at=ctx.now,
+                channel="sms",
+                method=OPT_OUT_METHOD,
+                evidence=f"provider error {code}: recipient unsubscribed from this sender",
+                recorded_by=f"dispatcher:{ctx.worker_id}",
+            ),
+        )
+        for purpose in ctx.defs.purposes
+    ]
+    try:
+        consent_queries.record_consent_events(
+            session=session, keyring=ctx.keyring, items=events, source="dispatcher"
+        )
+    except PatientErased:
+        log.info("dispatch.opt_out_erased", extra={"fields": {"patient_id": patient_id}})
+    if patient.phone_index:
+        consent_queries.suppress_phone_index(
+            session=session, phone_index=patient.phone_index, reason=OPT_OUT_METHOD
+        )

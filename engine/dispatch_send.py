@@ -1,0 +1,160 @@
+"""The provider call: a per-sender rate limit, one send, and what came of it.
+
+Sends run outside any database transaction, in a thread pool; nothing here touches the
+database (engine.dispatch_record writes the outcomes).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from engine.dispatch_claim import Claimed
+from engine.transports.base import (
+    OutboundMessage,
+    ProviderError,
+    SendResult,
+    SentRecord,
+    Transport,
+)
+
+BACKOFF_BASE = timedelta(seconds=2)
+BACKOFF_CAP = timedelta(minutes=10)
+# How far before a claim the provider is asked about: covers clock skew between hosts.
+LOOKUP_MARGIN = timedelta(seconds=60)
+_PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{4,}\d")
+
+
+class RateLimiter:
+    """At most `rate` acquisitions per second, evenly spaced (thread-safe).
+
+    Each caller reserves the next free slot under the lock and waits for it outside the
+    lock. `clock` and `wait` are injectable; `wait(seconds)` returning True (as
+    threading.Event.wait does when set) means stop waiting: the caller is told False.
+    """
+
+    def __init__(
+        self,
+        rate: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], object] | None = None,
+    ) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self._clock = clock
+        self._wait = wait or _sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        """Block until this caller's slot; False when the wait was cut short."""
+        if not self.interval:
+            return True
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        delay = slot - now
+        return delay <= 0 or not self._wait(delay)
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
+
+
+def backoff_delay(attempts: int, *, rng: random.Random | None = None) -> timedelta:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempts)).
+
+    Full jitter spreads retries of a throttled burst instead of synchronising them.
+    """
+    exponential = BACKOFF_BASE.total_seconds() * 2 ** min(attempts, 30)
+    ceiling = min(BACKOFF_CAP.total_seconds(), exponential)
+    return timedelta(seconds=(rng or random).uniform(0, ceiling))
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """What happened to one claimed row at the provider boundary.
+
+    Exactly one of: `result` (accepted), `error` (refused or failed), `found` (an earlier
+    attempt was accepted after all: candidates the provider holds), `released` (not sent:
+    the worker is stopping).
+    """
+
+    claimed: Claimed
+    result: SendResult | None = None
+    error: ProviderError | None = None
+    found: tuple[SentRecord, ...] = ()
+    released: bool = False
+
+
+def send_claimed(
+    claimed: Claimed,
+    *,
+    transport: Transport,
+    limiter: RateLimiter,
+    stop: threading.Event,
+) -> SendOutcome:
+    """Send one claimed row, unless the worker is stopping or an earlier try went out."""
+    if claimed.previous_claim_at is not None:
+        since = claimed.previous_claim_at - LOOKUP_MARGIN
+        try:
+            records = transport.sent_since(to=claimed.to, since=since)
+            found = matching_records(records, to=claimed.to, body=claimed.body)
+        except ProviderError as exc:  # unknown whether it went out: retry later, never now
+            lookup = ProviderError(f"lookup before retry failed: {exc.message}")
+            return SendOutcome(claimed, error=lookup)
+        if found:
+            return SendOutcome(claimed, found=found)
+    if stop.is_set() or not limiter.acquire() or stop.is_set():
+        return SendOutcome(claimed, released=True)
+    message = OutboundMessage(to=claimed.to, body=claimed.body, reference=str(claimed.outbox_id))
+    try:
+        result = transport.send(message)
+    except ProviderError as exc:
+        return SendOutcome(claimed, error=exc)
+    return SendOutcome(claimed, result=result)
+
+
+def matching_records(
+    records: Sequence[SentRecord] | None, *, to: str, body: str
+) -> tuple[SentRecord, ...]:
+    """The provider's messages that are this one (same number and text), oldest first.
+
+    None (the provider cannot tell) matches nothing.
+    """
+    if not records:
+        return ()
+    same = (r for r in records if r.to == to and r.body == body)
+    return tuple(sorted(same, key=lambda r: (r.created_at, r.provider_sid)))
+
+
+def earliest(records: Sequence[SentRecord], *, taken: set[str]) -> SentRecord | None:
+    """The first record whose sid no other outbox row holds (identical texts to a shared
+    number are told apart that way)."""
+    return next((r for r in records if r.provider_sid not in taken), None)
+
+
+def describe(error: ProviderError) -> str:
+    """last_error text: kind, HTTP status, code and the provider's words without numbers.
+
+    Provider messages quote the destination number; no phone number is stored in clear.
+    """
+    return f"{error.kind}: HTTP {error.http_status or '-'} code {error.code or '-'}: " + scrub(
+        error.message
+    )
+
+
+def scrub(text: str, limit: int = 300) -> str:
+    """Mask anything that looks like a phone number and bound the length."""
+    return _PHONE_LIKE.sub("[number]", text)[:limit]
+
+
+def retry_at(now: datetime, attempts: int, rng: random.Random | None) -> datetime:
+    return now + backoff_delay(attempts, rng=rng)
