@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import decide, dryrun, population, sandbox
+from bench import decide, dryrun, population, sandbox, sending
 
 COMMANDS = {
     "decide": decide.main,
     "dryrun": dryrun.main,
     "population": population.main,
     "sandbox": sandbox.main,
+    "sending": sending.main,
 }
 
 

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from bench.population import Population, write_population
-from engine.crypto import ensure_key_files, load_keys
-from engine.definitions import load_definitions
+from engine.crypto import Keyring, ensure_key_files, load_keys
+from engine.definitions import DefinitionSet, load_definitions
 from engine.dryrun import Candidate, DryRunSummary, dry_run
 from engine.importer import import_files
 from engine.settings import Settings
@@ -63,8 +64,23 @@ def postgres_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def run(patients: int, database: str, workdir: Path, figures: Figures) -> None:
-    settings = Settings.from_env({"ENGAGE_VAR_DIR": str(workdir), "DATABASE_URL": database})
+@dataclass
+class Prepared:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    keyring: Keyring
+    defs: DefinitionSet
+
+
+def prepare(
+    patients: int, database: str, workdir: Path, figures: Figures, env: dict[str, str] | None = None
+) -> Prepared:
+    """A migrated database with the starter definitions synced and approved, and a
+    synthetic population imported (the import rate goes into `figures`)."""
+    settings = Settings.from_env(
+        {"ENGAGE_VAR_DIR": str(workdir), "DATABASE_URL": database, **(env or {})}
+    )
     ensure_key_files(settings)
     keyring = load_keys(settings)
     engine = db.make_engine(database)
@@ -75,25 +91,13 @@ def run(patients: int, database: str, workdir: Path, figures: Figures) -> None:
     with sessions.begin() as session:
         sync_definitions(session=session, defs=defs, now=now)
         for (tid, loc), t in defs.templates.items():
-            record_review(
-                session=session,
-                template_id=tid,
-                locale=loc,
-                version=t.version,
-                decision="approve",
-                by="bench",
-                now=now,
-            )
+            record_review(session=session, template_id=tid, locale=loc, version=t.version,
+                          decision="approve", by="bench", now=now)  # fmt: skip
     data = workdir / "population"
     counts = write_population(Population(patients), data)
     started = time.perf_counter()
-    import_files(
-        sorted(data.glob("*.csv")),
-        session_factory=sessions,
-        keyring=keyring,
-        progress=False,
-        purposes=set(defs.purposes),
-    )
+    import_files(sorted(data.glob("*.csv")), session_factory=sessions, keyring=keyring,
+                 progress=False, purposes=set(defs.purposes))  # fmt: skip
     elapsed = time.perf_counter() - started
     total = sum(counts.values())
     figures.add(
@@ -101,6 +105,12 @@ def run(patients: int, database: str, workdir: Path, figures: Figures) -> None:
         f"{total / elapsed:,.0f} rows/s",
         f"({total:,} rows of 4 files in {elapsed:.1f} s)",
     )
+    return Prepared(settings, engine, sessions, keyring, defs)
+
+
+def run(patients: int, database: str, workdir: Path, figures: Figures) -> None:
+    p = prepare(patients, database, workdir, figures)
+    defs, sessions, keyring, engine = p.defs, p.sessions, p.keyring, p.engine
     with sessions() as session:
         approved = approved_versions(session=session)
         for campaign_id, at in RUNS:

@@ -20,10 +20,8 @@ def _build(rt: Runtime) -> tuple[Any, Transport]:
     claim is one writer transaction), and the configured transport."""
     rt.require_schema()
     engine = db.make_engine(rt.settings.database_url, sqlite_immediate=True)
-    try:
-        from engine.transports.registry import make_transport
-    except ImportError as exc:
-        raise UsageProblem(f"no transport registry available ({exc})") from exc
+    from engine.transports.registry import make_transport
+
     return db.make_session_factory(engine), make_transport(rt.settings)
 
 
@@ -44,6 +42,7 @@ def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
         keyring=rt.keyring,
         transport=transport,
         clock=clock,
+        plan_session_factory=rt.session_factory,
     )
 
 

@@ -149,10 +149,14 @@ class Worker:
         keyring: Keyring,
         transport: Transport,
         clock: Callable[[], datetime] = utcnow,
+        plan_session_factory: sessionmaker[Session] | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
         self.session_factory = session_factory
+        # The planner streams patients on one connection while it writes on another; on
+        # SQLite that needs ordinary deferred transactions, not the claim's BEGIN IMMEDIATE.
+        self.plan_session_factory = plan_session_factory or session_factory
         self.keyring = keyring
         self.transport = transport
         self.clock = clock
@@ -221,7 +225,7 @@ class Worker:
             return
         report = planner.plan(
             defs,
-            session_factory=self.session_factory,
+            session_factory=self.plan_session_factory,
             keyring=self.keyring,
             now=self.clock(),
             horizon=self.config.plan_horizon,
