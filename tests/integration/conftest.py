@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine.cli import main
 from engine.crypto import Keyring, ensure_key_files, load_keys
 from engine.sandbox.client import SandboxClient
 from engine.sandbox.config import SANDBOX_FROM_NUMBER, SandboxConfig
@@ -218,3 +221,44 @@ def twilio_settings(tmp_path: Path, sandbox: SandboxHandle) -> Settings:
             index_key_file=var / "index.key",
         )
     )
+
+
+# --- the engage command, run in-process against the test database ---------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Engage:
+    """Runs `engage` in-process with an environment of its own."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0) -> Result:
+        result = self.runner.invoke(main, list(args), env=self.env, catch_exceptions=False)
+        assert result.exit_code == code, (args, result.output, result.stderr)
+        return result
+
+
+@pytest.fixture
+def definitions(tmp_path: Path) -> Path:
+    root = tmp_path / "defs"
+    for folder in ("campaigns", "templates", "policies"):
+        shutil.copytree(REPO / folder, root / folder)
+    return root
+
+
+@pytest.fixture
+def engage(db_url: str, tmp_path: Path, definitions: Path) -> Engage:
+    run = Engage(
+        {
+            "DATABASE_URL": db_url,
+            "ENGAGE_VAR_DIR": str(tmp_path / "var"),
+            "ENGAGE_DEFINITIONS_DIR": str(definitions),
+            "ENGAGE_PUBLIC_URL": "https://rh.example",
+        }
+    )
+    run("init")
+    run("sync")
+    return run

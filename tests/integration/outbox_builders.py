@@ -1,7 +1,7 @@
 """Builders for dispatcher and worker tests: patients with consent, and outbox rows as the
 planner writes them (body sealed with the patient's key), plus a subprocess entry point.
 
-Run as a script it is `engage` with the worker commands registered:
+Run as a script it is `engage`:
     python tests/integration/outbox_builders.py worker --id w1
 """
 
@@ -196,9 +196,6 @@ def dispatch_in_process(
 
 
 if __name__ == "__main__":
-    from engine import cli_worker
     from engine.cli import main
 
-    if "worker" not in main.commands:
-        cli_worker.register(main)
     main()

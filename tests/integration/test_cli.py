@@ -3,53 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from engine.cli import main
+from tests.integration.conftest import Engage
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "data" / "sample"
 AT = "2026-12-07T16:00:00Z"
-
-
-class Engage:
-    """Runs `engage` in-process with an environment of its own."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, code: int = 0) -> Result:
-        result = self.runner.invoke(main, list(args), env=self.env, catch_exceptions=False)
-        assert result.exit_code == code, (args, result.output, result.stderr)
-        return result
-
-
-@pytest.fixture
-def definitions(tmp_path: Path) -> Path:
-    root = tmp_path / "defs"
-    for folder in ("campaigns", "templates", "policies"):
-        shutil.copytree(ROOT / folder, root / folder)
-    return root
-
-
-@pytest.fixture
-def engage(db_url: str, tmp_path: Path, definitions: Path) -> Engage:
-    run = Engage(
-        {
-            "DATABASE_URL": db_url,
-            "ENGAGE_VAR_DIR": str(tmp_path / "var"),
-            "ENGAGE_DEFINITIONS_DIR": str(definitions),
-            "ENGAGE_PUBLIC_URL": "https://rh.example",
-        }
-    )
-    run("init")
-    run("sync")
-    return run
 
 
 @pytest.fixture

@@ -339,11 +339,8 @@ def test_engage_dispatch_once(
     settings: Settings,
     db_url: str,
 ) -> None:
-    from engine import cli_worker
     from engine.cli import main
 
-    if "dispatch" not in main.commands:
-        cli_worker.register(main)
     ob.rows([phone(40), phone(41), INVALID_NUMBER])
     env = {
         "DATABASE_URL": db_url,

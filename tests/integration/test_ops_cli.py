@@ -12,14 +12,10 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, select, update
 
-from engine import cli_ops
 from engine import outbox_status as st
 from engine.cli import main
 from engine.store import models as m
 from engine.store.db import make_engine
-
-if "plan" not in main.commands:  # until engine.cli wires it in
-    cli_ops.register(main)
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "data" / "sample"
