@@ -50,6 +50,25 @@ class Figures:
         self.rows.append((what, value, note))
         print(f"  {what}: {value} {note}", flush=True)
 
+    def print_table(self) -> None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.add("peak RSS", f"{peak:,.0f} MiB")
+        width = max(len(r[0]) for r in self.rows)
+        print(f"\n{'measure'.ljust(width)}  figure")
+        for what, value, note in self.rows:
+            print(f"{what.ljust(width)}  {value} {note}")
+
+
+def databases(kind: str, workdir: Path) -> Iterator[str]:
+    """One fresh database URL of the kind asked for (a PostgreSQL one is dropped after)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{workdir / 'bench.db'}"
+        return
+    admin = os.environ.get(
+        "ENGAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    yield from postgres_database(admin)
+
 
 def postgres_database(admin_url: str) -> Iterator[str]:
     name = f"engage_bench_{uuid.uuid4().hex[:8]}"
@@ -164,18 +183,6 @@ def main(argv: list[str] | None = None) -> None:
     figures = Figures([])
     print(f"bench dryrun: {args.patients:,} patients on {args.db}", flush=True)
     with tempfile.TemporaryDirectory(prefix="engage-bench-") as tmp:
-        workdir = Path(tmp)
-        if args.db == "sqlite":
-            run(args.patients, f"sqlite:///{workdir / 'bench.db'}", workdir, figures)
-        else:
-            admin = os.environ.get(
-                "ENGAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-            )
-            for url in postgres_database(admin):
-                run(args.patients, url, workdir, figures)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    figures.add("peak RSS", f"{peak:,.0f} MiB")
-    width = max(len(r[0]) for r in figures.rows)
-    print(f"\n{'measure'.ljust(width)}  figure")
-    for what, value, note in figures.rows:
-        print(f"{what.ljust(width)}  {value} {note}")
+        for url in databases(args.db, Path(tmp)):
+            run(args.patients, url, Path(tmp), figures)
+    figures.print_table()

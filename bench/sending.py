@@ -14,8 +14,6 @@ of threads gives the ceiling; the ratio says what the engine's own work costs.
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from bench.dryrun import Figures, postgres_database, prepare
+from bench.dryrun import Figures, databases, prepare
 from bench.sandbox import raw_sender, start_server
 from engine.dispatcher import dispatch_until_idle
 from engine.outbox_status import SENT
@@ -112,17 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     figures = Figures([])
     print(f"bench sending: {args.patients:,} patients on {args.db}", flush=True)
     with tempfile.TemporaryDirectory(prefix="engage-bench-") as tmp:
-        workdir = Path(tmp)
-        if args.db == "sqlite":
-            run(args.patients, f"sqlite:///{workdir / 'bench.db'}", workdir, args.threads, figures)
-        else:
-            admin = os.environ.get("ENGAGE_TEST_POSTGRES_URL",
-                                   "postgresql+psycopg://postgres@127.0.0.1:5432/test")  # fmt: skip
-            for url in postgres_database(admin):
-                run(args.patients, url, workdir, args.threads, figures)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    figures.add("peak RSS", f"{peak:,.0f} MiB")
-    width = max(len(r[0]) for r in figures.rows)
-    print(f"\n{'measure'.ljust(width)}  figure")
-    for what, value, note in figures.rows:
-        print(f"{what.ljust(width)}  {value} {note}")
+        for url in databases(args.db, Path(tmp)):
+            run(args.patients, url, Path(tmp), args.threads, figures)
+    figures.print_table()

@@ -9,29 +9,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import Engine, select, update
 
 from engine import outbox_status as st
-from engine.cli import main
 from engine.store import models as m
 from engine.store.db import make_engine
+from tests.integration import conftest
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "data" / "sample"
 AT = "2026-12-07T16:00:00Z"
 
 
-class Engage:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, code: int = 0) -> Result:
-        result = self.runner.invoke(main, list(args), env=self.env, catch_exceptions=False)
-        assert result.exit_code == code, (args, result.output, result.stderr)
-        return result
-
+class Engage(conftest.Engage):
     def json(self, *args: str) -> dict:
         return json.loads(self(*args, "--json").stdout)
 
