@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+RESERVED_CAMPAIGN_IDS = frozenset({"program", "preview"})
 _DURATION = re.compile(r"^([+-]?)(\d+)\s*(m|h|d|w)$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -223,6 +224,15 @@ class CampaignFile(Strict):
     expires_after: Duration
     link: LinkModel | None = None
     status: Literal["active", "paused"] = "active"
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        # "program" rows are the engine's own replies to STOP/START/HELP (engine.inbound),
+        # which the dispatcher sends without the consent re-check.
+        if value in RESERVED_CAMPAIGN_IDS:
+            raise ValueError(f"campaign id {value!r} is reserved by the engine")
+        return value
 
     @model_validator(mode="after")
     def _anchor_fits(self) -> CampaignFile:

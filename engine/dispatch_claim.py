@@ -37,6 +37,12 @@ from engine.store import models as m
 from engine.store.defqueries import approved_versions
 from engine.store.outbox_queries import body_field
 
+# Program replies (STOP/START/HELP confirmations, engine.inbound): one row per inbound
+# message, sent without the consent and suppression re-check (CTIA 5.1.1: the opt-out
+# confirmation goes to a number that has just revoked).
+PROGRAM_CAMPAIGN = "program"
+PROGRAM_REPLY_RULE = "program-reply"
+
 
 @dataclass(frozen=True)
 class Claimed:
@@ -168,7 +174,8 @@ def _claim_row(
         return None
     decision, body = redecide(row, batch=batch, defs=defs, now=now)
     row.outcome, row.policy_set = decision.outcome, defs.policy_version
-    row.reasons = reasons_json(decision.reasons)
+    if not is_program_reply(row):  # its marker must survive a retry
+        row.reasons = reasons_json(decision.reasons)
     if decision.outcome == "deny":
         row.status = status.BLOCKED
         return None
@@ -199,6 +206,8 @@ def redecide(
     record = batch.records.get(row.patient_id)
     if record is None:
         return _engine_deny("patient-erased", "the patient's data key is destroyed"), None
+    if is_program_reply(row):
+        return _program_reply(row, batch=batch, has_phone=record.phone is not None)
     if row.patient_id in batch.suppressed:
         message = "the patient's number is on the suppression list (STOP or erasure)"
         return _engine_deny("suppressed", message, "47 CFR 64.1200(a)(10)"), None
@@ -226,6 +235,30 @@ def redecide(
         )
         decision = replace(decision, outcome="deny", send_at=None, trace=(*decision.trace, reason))
     return decision, body
+
+
+def is_program_reply(row: m.Outbox) -> bool:
+    """A confirmation queued by engine.inbound in answer to the patient's own text."""
+    return row.campaign_id == PROGRAM_CAMPAIGN and any(
+        r.get("rule") == PROGRAM_REPLY_RULE for r in row.reasons or ()
+    )
+
+
+def _program_reply(row: m.Outbox, *, batch: _Batch, has_phone: bool) -> tuple[Decision, str | None]:
+    """Allow the one reply the patient asked for by texting a keyword; no policy re-check."""
+    if not has_phone:
+        return _engine_deny("no-phone", "the patient has no phone number"), None
+    try:
+        body = batch.ciphers[row.patient_id].decrypt_field(
+            body_field(row.idempotency_key), row.body_enc
+        )
+    except DecryptionError:
+        body = None
+    if body is None:
+        return _engine_deny("no-body", "the stored message body is missing or unreadable"), None
+    message = "a reply to the patient's keyword (STOP/START/HELP), sent once"
+    reason = RuleResult(PROGRAM_REPLY_RULE, "engage", "allow", message, "CTIA 5.1.1")
+    return Decision("allow", None, (reason,)), body
 
 
 def _message_facts(row: m.Outbox, body: str, defs: DefinitionSet) -> MessageFacts:

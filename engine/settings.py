@@ -28,6 +28,7 @@ class Settings:
     twilio_messaging_service_sid: str | None = None
     status_callback_url: str | None = None  # None or "": do not ask for status callbacks
     send_rate_per_second: float = 50.0
+    trust_proxy: bool = False  # honour X-Forwarded-* (behind one reverse proxy) for webhooks
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -53,6 +54,7 @@ class Settings:
                 "ENGAGE_STATUS_CALLBACK_URL", f"{public_url}/twilio/status"
             ),
             send_rate_per_second=float(env.get("ENGAGE_SEND_RATE", "50")),
+            trust_proxy=env.get("ENGAGE_TRUST_PROXY", "") == "1",
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -218,3 +218,14 @@ def test_program_help_must_name_the_support_contact(tree: Path) -> None:
     replace_in(tree / "policies" / "program.yaml", "help at 800-555-0199", "help online")
     errors = errors_of(tree)
     assert any(e.startswith("policies/program.yaml:") and "support contact" in e for e in errors)
+
+
+def test_the_engines_own_campaign_ids_are_reserved(tree: Path) -> None:
+    """Rows of campaign "program" are replies to a patient's keyword, sent without the
+    consent re-check: no campaign file may take that id."""
+    source = tree / "campaigns" / "awareness-monthly.yaml"
+    text = source.read_text().replace("id: awareness-monthly", "id: program", 1)
+    source.unlink()
+    (tree / "campaigns" / "program.yaml").write_text(text)
+    errors = errors_of(tree)
+    assert any(e.startswith("campaigns/program.yaml:1:") and "reserved" in e for e in errors)

@@ -1,0 +1,352 @@
+"""Use cases for what Twilio posts to us: a patient's text, a delivery report.
+
+Nothing here commits: the caller runs each in one transaction, so an opt-out's
+revocations, suppression, cancellations and confirmation land together or not at all.
+Replies go through the outbox (engine.dispatch_claim sends program replies without the
+consent re-check). A number that belongs to no patient gets its confirmation inline in
+the TwiML answer instead: an outbox row needs a patient, and numbers are never stored in
+clear.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from engine import outbox_status as status
+from engine.core import sms
+from engine.core.domain import ConsentEvent
+from engine.core.inbound import (
+    KEYWORD_METHODS,
+    Classification,
+    advance,
+    classify,
+    regrantable,
+    reported_status,
+)
+from engine.crypto import Keyring, PatientCipher
+from engine.definitions import DefinitionSet
+from engine.dispatch_claim import PROGRAM_CAMPAIGN, PROGRAM_REPLY_RULE
+from engine.dispatch_record import RecordContext, revoke_for_carrier_opt_out
+from engine.store import consent_queries, queries
+from engine.store import models as m
+from engine.store.outbox_queries import body_field
+
+log = logging.getLogger("engine.inbound")
+
+KEYWORD_METHOD = "sms_keyword"
+CARRIER_OPT_OUT_CODE = 21610
+REPLY_LIFETIME = timedelta(days=1)
+_REPLY_FOR = {"opt_out": "stop", "opt_in": "start", "help": "help"}
+
+
+@dataclass(frozen=True)
+class InboundSms:
+    message_sid: str
+    from_number: str  # E.164, as Twilio sends it
+    to_number: str
+    body: str
+    opt_out_type: str | None = None
+
+
+@dataclass(frozen=True)
+class InboundResult:
+    """What was done; `inline_reply` is the text to answer in TwiML (unknown numbers)."""
+
+    classification: Classification
+    duplicate: bool = False
+    patients: int = 0
+    queued_reply: str | None = None
+    inline_reply: str | None = None
+
+
+@dataclass(frozen=True)
+class _Sender:
+    """The patients (not erased) who use the number that texted us, with their keys."""
+
+    phone_index: str
+    patients: list[m.Patient]
+    ciphers: dict[int, PatientCipher]
+
+
+def handle_inbound(
+    *, session: Session, keyring: Keyring, defs: DefinitionSet, message: InboundSms, now: datetime
+) -> InboundResult:
+    """Store the text once (by MessageSid) and act on it: opt-out, opt-in, help or nothing."""
+    kind = classify(message.body, message.opt_out_type)
+    sender = _sender(session, keyring, message.from_number)
+    if not _store(session, message, sender, kind, now):
+        return InboundResult(kind, duplicate=True, patients=len(sender.patients))
+    reply: str | None = None
+    if kind == "opt_out":
+        reply = _opt_out(session, keyring, defs, message, sender, now)
+    elif kind == "opt_in":
+        reply = _opt_in(session, keyring, defs, message, sender, now)
+    elif kind == "help":
+        reply = "help"
+    if reply is None:
+        return InboundResult(kind, patients=len(sender.patients))
+    if not sender.patients:
+        text = defs.program.text(reply, defs.program.default_locale)
+        return InboundResult(kind, inline_reply=text)
+    _queue_reply(session, defs, message, sender, reply, now)
+    return InboundResult(kind, patients=len(sender.patients), queued_reply=reply)
+
+
+def _sender(session: Session, keyring: Keyring, e164: str) -> _Sender:
+    index = keyring.phone_index(e164)
+    p = m.Patient
+    stmt = select(p).where(p.phone_index == index, p.erased_at.is_(None)).order_by(p.id)
+    rows = list(session.scalars(stmt))
+    ciphers = queries.ciphers_for(
+        session=session, keyring=keyring, patient_ids=[r.id for r in rows]
+    )
+    return _Sender(index, [r for r in rows if r.id in ciphers], ciphers)
+
+
+def _store(
+    session: Session, message: InboundSms, sender: _Sender, kind: str, now: datetime
+) -> bool:
+    """Insert the message; False when this MessageSid was already stored (a Twilio retry).
+
+    The body is sealed with the first patient's key; for an unknown number only the
+    classification is kept.
+    """
+    first = sender.patients[0] if sender.patients else None
+    body_enc = None
+    if first is not None:
+        field = f"inbound/{message.message_sid}/body"
+        body_enc = sender.ciphers[first.id].encrypt_field(field, message.body)
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    stmt = (
+        dialect.insert(m.InboundMessage)
+        .values(
+            provider_sid=message.message_sid,
+            from_index=sender.phone_index,
+            to_number=message.to_number[:32],
+            patient_id=first.id if first else None,
+            body_enc=body_enc,
+            classification=kind,
+            received_at=now,
+            handled_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["provider_sid"])
+        .returning(m.InboundMessage.id)
+    )
+    return session.execute(stmt).first() is not None
+
+
+def _opt_out(
+    session: Session,
+    keyring: Keyring,
+    defs: DefinitionSet,
+    message: InboundSms,
+    sender: _Sender,
+    now: datetime,
+) -> str | None:
+    """Revoke every purpose, suppress the number, cancel pending rows (47 CFR 64.1200(a)(10)).
+
+    The confirmation is due only when the number was not suppressed yet: one per opt-out.
+    """
+    newly = consent_queries.suppress_phone_index(
+        session=session, phone_index=sender.phone_index, reason=KEYWORD_METHOD
+    )
+    every = dict.fromkeys(defs.purposes)
+    _record(session, keyring, every, message, sender, "revoked", now)
+    _cancel_pending(session, [p.id for p in sender.patients], message.message_sid, now)
+    return "stop" if newly else None
+
+
+def _opt_in(
+    session: Session,
+    keyring: Keyring,
+    defs: DefinitionSet,
+    message: InboundSms,
+    sender: _Sender,
+    now: datetime,
+) -> str | None:
+    """Lift a keyword suppression and give back what the keyword opt-out revoked.
+
+    Erasure suppressions are never lifted. The policies decide whether the previous
+    grant's legal basis still suffices for each campaign.
+    """
+    s = m.Suppression
+    lifted = session.execute(
+        delete(s).where(s.phone_index == sender.phone_index, s.reason.in_(sorted(KEYWORD_METHODS)))
+    ).rowcount
+    regranted = 0
+    for patient in sender.patients:
+        events = consent_queries.consent_events_for(
+            session=session, keyring=keyring, patient_id=patient.id
+        )
+        bases = regrantable(events, defs.purposes)
+        one = _Sender(sender.phone_index, [patient], sender.ciphers)
+        regranted += len(_record(session, keyring, bases, message, one, "granted", now))
+    return "start" if lifted or regranted else None
+
+
+def _record(
+    session: Session,
+    keyring: Keyring,
+    bases: Mapping[str, str | None],
+    message: InboundSms,
+    sender: _Sender,
+    what: Literal["granted", "revoked"],
+    now: datetime,
+) -> list[m.ConsentEvent]:
+    """One ledger event per patient and purpose; `bases` maps purpose -> legal basis."""
+    items = [
+        (
+            patient.id,
+            ConsentEvent(
+                patient=patient.external_id,
+                purpose=purpose,
+                status=what,
+                occurred_at=now,
+                legal_basis=basis,
+                method=KEYWORD_METHOD,
+                evidence=f"inbound {message.message_sid}",
+                recorded_by="inbound",
+            ),
+        )
+        for patient in sender.patients
+        for purpose, basis in bases.items()
+    ]
+    if not items:
+        return []
+    return consent_queries.record_consent_events(
+        session=session, keyring=keyring, items=items, source="inbound"
+    )
+
+
+def _cancel_pending(session: Session, patient_ids: list[int], sid: str, now: datetime) -> int:
+    """Every queued or deferred row of these patients but an opt-out confirmation (which
+    a repeated STOP must not cancel); other program replies (HELP, START) go too."""
+    if not patient_ids:
+        return 0
+    o = m.Outbox
+    stmt = select(o).where(o.patient_id.in_(patient_ids), o.status.in_(sorted(status.WAITING)))
+    confirmation = (o.campaign_id == PROGRAM_CAMPAIGN) & o.idempotency_key.like("program/%/stop")
+    stmt = stmt.where(~confirmation)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=o)
+    reason = {
+        "rule": "opted-out",
+        "policy": "engage",
+        "effect": "deny",
+        "message": f"the patient texted an opt-out keyword (inbound {sid})",
+        "cite": "47 CFR 64.1200(a)(10)",
+    }
+    rows = list(session.scalars(stmt))
+    for row in rows:
+        row.status, row.decided_at = status.CANCELLED, now
+        row.reasons = [*row.reasons, reason]
+    return len(rows)
+
+
+def _queue_reply(
+    session: Session,
+    defs: DefinitionSet,
+    message: InboundSms,
+    sender: _Sender,
+    which: str,
+    now: datetime,
+) -> m.Outbox:
+    """One program reply to the number, addressed to its first patient, in their locale."""
+    patient = sender.patients[0]
+    text = defs.program.text(which, patient.locale)
+    key = f"program/{message.message_sid}/{which}"
+    encoding, segments, _ = sms.measure(text)
+    reason = {
+        "rule": PROGRAM_REPLY_RULE,
+        "policy": "engage",
+        "effect": "allow",
+        "message": f"{which.upper()} reply to inbound {message.message_sid}",
+        "cite": "CTIA Messaging Principles 5.1.1",
+    }
+    row = m.Outbox(
+        idempotency_key=key,
+        campaign_id=PROGRAM_CAMPAIGN,
+        campaign_version=defs.version,
+        locale=patient.locale,
+        purpose=PROGRAM_CAMPAIGN,
+        patient_id=patient.id,
+        occurrence=f"inbound:{message.message_sid}",
+        outcome="allow",
+        status=status.QUEUED,
+        due_at=now,
+        send_at=now,
+        expires_at=now + REPLY_LIFETIME,
+        body_enc=sender.ciphers[patient.id].encrypt_field(body_field(key), text),
+        segments=segments,
+        encoding=encoding,
+        reasons=[reason],
+        policy_set=defs.policy_version,
+        decided_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+# --- delivery reports ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    message_sid: str
+    message_status: str
+    error_code: int | None = None
+    ref: str | None = None  # the outbox id the twilio transport put on the callback URL
+
+
+def handle_status(
+    *, session: Session, keyring: Keyring, defs: DefinitionSet, report: StatusReport, now: datetime
+) -> str:
+    """Move the row's status forward only; 21610 revokes and suppresses as the dispatcher does.
+
+    Returns what happened: unknown-message, moved, unchanged.
+    """
+    row = _reported_row(session, report)
+    if row is None:
+        log.info("inbound.status_unknown", extra={"fields": {"sid": report.message_sid}})
+        return "unknown-message"
+    fresh_error = report.error_code is not None and row.error_code != report.error_code
+    new = advance(row.status, reported_status(report.message_status))
+    if new is not None:
+        row.status, row.provider_status = new, report.message_status.strip().lower()[:16]
+        if row.provider_sid is None:
+            row.provider_sid = report.message_sid
+    if fresh_error and (new is not None or row.status in (status.UNDELIVERED, status.FAILED)):
+        row.error_code = report.error_code
+        row.last_error = f"delivery report: {report.message_status} (error {report.error_code})"
+    if fresh_error and report.error_code == CARRIER_OPT_OUT_CODE:
+        ctx = RecordContext(worker_id="status-callback", now=now, defs=defs, keyring=keyring)
+        revoke_for_carrier_opt_out(
+            session=session, patient_id=row.patient_id, code=CARRIER_OPT_OUT_CODE, ctx=ctx
+        )
+        row.error_code = report.error_code
+    session.flush()
+    return "moved" if new is not None else "unchanged"
+
+
+def _reported_row(session: Session, report: StatusReport) -> m.Outbox | None:
+    """The row by provider sid, else by `ref` when that row holds no other sid (locked)."""
+    o = m.Outbox
+    lock = session.get_bind().dialect.name == "postgresql"
+    stmt = select(o).where(o.provider_sid == report.message_sid)
+    row = session.scalars(stmt.with_for_update() if lock else stmt).first()
+    if row is not None or not (report.ref or "").isdigit():
+        return row
+    stmt = select(o).where(o.id == int(report.ref or "0"))
+    row = session.scalars(stmt.with_for_update() if lock else stmt).first()
+    if row is None or row.provider_sid not in (None, report.message_sid):
+        return None
+    return row
