@@ -81,7 +81,8 @@ def write_key_file(path: Path, key: bytes) -> None:
 
 
 def ensure_key_files(settings: Settings) -> list[Path]:
-    """Create the master and index key files that are missing; return the ones created.
+    """Create the master, index and web secret key files that are missing; return the ones
+    created.
 
     A key given by value in the environment needs no file and none is created for it.
     """
@@ -89,6 +90,7 @@ def ensure_key_files(settings: Settings) -> list[Path]:
     for value, path in (
         (settings.master_key, settings.master_key_file),
         (settings.index_key, settings.index_key_file),
+        (settings.secret_key, settings.secret_key_path),
     ):
         if value or path.exists():
             continue
@@ -124,6 +126,13 @@ def load_keys(settings: Settings) -> Keyring:
         else read_key_file(settings.index_key_file)
     )
     return Keyring(master_key=master, index_key=index)
+
+
+def load_secret_key(settings: Settings) -> bytes:
+    """The key that signs web sessions and CSRF tokens (never used for data)."""
+    if settings.secret_key:
+        return decode_key(settings.secret_key, source="ENGAGE_SECRET_KEY")
+    return read_key_file(settings.secret_key_path)
 
 
 def encrypt(dek: bytes, plaintext: str | None, *, aad: bytes) -> bytes | None:

@@ -143,18 +143,27 @@ def _campaign_problems(
         problems.append((("id",), f"file name must be {parsed.id}.yaml"))
     if parsed.purpose not in purposes:
         problems.append((("purpose",), f"unknown purpose {parsed.purpose!r}"))
-    variants = [t for (tid, _), t in templates.items() if tid == parsed.template]
-    if not variants:
-        problems.append((("template",), f"unknown template {parsed.template!r}"))
-    for t in variants:
-        if t.purpose != parsed.purpose:
-            problems.append(
-                (
-                    ("template",),
-                    f"template {t.file} has purpose {t.purpose!r}, campaign has {parsed.purpose!r}",
-                )
-            )
+    problems += _template_problems(("template",), parsed.template, parsed.purpose, templates)
+    if parsed.link is not None and parsed.link.confirmation is not None:
+        field = ("link", "confirmation")
+        problems += _template_problems(field, parsed.link.confirmation, parsed.purpose, templates)
     return problems
+
+
+def _template_problems(
+    field: tuple[str, ...],
+    template_id: str,
+    purpose: str,
+    templates: Mapping[tuple[str, str], domain.Template],
+) -> list[tuple[tuple[str, ...], str]]:
+    variants = [t for (tid, _), t in templates.items() if tid == template_id]
+    if not variants:
+        return [(field, f"unknown template {template_id!r}")]
+    return [
+        (field, f"template {t.file} has purpose {t.purpose!r}, campaign has {purpose!r}")
+        for t in variants
+        if t.purpose != purpose
+    ]
 
 
 def _to_campaign(parsed: CampaignFile, file: str, version: str) -> domain.Campaign:
@@ -169,7 +178,11 @@ def _to_campaign(parsed: CampaignFile, file: str, version: str) -> domain.Campai
         count=s.count,
         on=s.on,
     )
-    link = domain.LinkSettings(parsed.link.kind, parsed.link.expires_after) if parsed.link else None
+    link = (
+        domain.LinkSettings(parsed.link.kind, parsed.link.expires_after, parsed.link.confirmation)
+        if parsed.link
+        else None
+    )
     return domain.Campaign(
         id=parsed.id,
         name=parsed.name,

@@ -211,6 +211,8 @@ class ScheduleModel(Strict):
 class LinkModel(Strict):
     kind: str
     expires_after: Duration = timedelta(days=7)
+    # The template of the text confirming a booking made from the link (same purpose).
+    confirmation: Identifier | None = None
 
 
 class CampaignFile(Strict):

@@ -43,6 +43,16 @@ class Runtime:
         return db.make_session_factory(self.engine)
 
     @cached_property
+    def write_sessions(self) -> sessionmaker[Session]:
+        """Sessions for short read-then-write requests (webhooks, bookings): on SQLite they
+        begin IMMEDIATE, so concurrent requests queue for the write lock instead of failing
+        to upgrade a read transaction; on PostgreSQL the same as `session_factory`."""
+        if self.engine.dialect.name != "sqlite":
+            return self.session_factory
+        engine = db.make_engine(self.settings.database_url, sqlite_immediate=True)
+        return db.make_session_factory(engine)
+
+    @cached_property
     def keyring(self) -> Keyring:
         try:
             return load_keys(self.settings)

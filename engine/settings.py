@@ -29,6 +29,11 @@ class Settings:
     status_callback_url: str | None = None  # None or "": do not ask for status callbacks
     send_rate_per_second: float = 50.0
     trust_proxy: bool = False  # honour X-Forwarded-* (behind one reverse proxy) for webhooks
+    # Signs web sessions and CSRF tokens; by value, else the file (default var/secret.key).
+    secret_key: str | None = None
+    secret_key_file: Path | None = None
+    # Patient page requests per client address and minute (0: no limit).
+    page_rate_per_minute: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,7 +60,14 @@ class Settings:
             ),
             send_rate_per_second=float(env.get("ENGAGE_SEND_RATE", "50")),
             trust_proxy=env.get("ENGAGE_TRUST_PROXY", "") == "1",
+            secret_key=env.get("ENGAGE_SECRET_KEY") or None,
+            secret_key_file=Path(env.get("ENGAGE_SECRET_KEY_FILE", var_dir / "secret.key")),
+            page_rate_per_minute=int(env.get("ENGAGE_PAGE_RATE", "30")),
         )
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.var_dir / "secret.key"
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -271,6 +271,7 @@ class Schedule:
 class LinkSettings:
     kind: str
     expires_after: timedelta
+    confirmation: str | None = None  # template id of the booking confirmation text
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ class Slot(Base):
     location: Mapped[str] = mapped_column(String(128), default="")
     starts_at: Mapped[datetime]
     duration_min: Mapped[int] = mapped_column(Integer, default=30)
-    booked_by: Mapped[int | None] = mapped_column(ForeignKey("patients.id"))
+    booked_by: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), index=True)
     booked_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -321,6 +321,8 @@ class SchedulingLink(Base):
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     clicks: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None]  # the first click
+    booked_slot_id: Mapped[int | None] = mapped_column(ForeignKey("slots.id"), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -7,13 +7,21 @@ from datetime import UTC, datetime
 
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_wtf.csrf import CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from engine.runtime import Runtime
+from engine.crypto import KeyConfigError, load_secret_key
+from engine.runtime import Runtime, UsageProblem
 from engine.settings import Settings
 
 RUNTIME_KEY = "engage.runtime"
 CLOCK_KEY = "engage.clock"
+# No form or webhook we serve comes near this; bigger bodies get 413 before parsing.
+MAX_CONTENT_LENGTH = 64 * 1024
+
+csrf = CSRFProtect()
 
 
 def utcnow() -> datetime:
@@ -26,17 +34,39 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
     `clock` replaces the wall clock (tests pass the time in).
     """
     app = Flask(__name__)
+    try:
+        secret = load_secret_key(settings)
+    except KeyConfigError as exc:
+        raise UsageProblem(f"{exc} (run `engage init` to create it)") from exc
+    app.config.update(
+        SECRET_KEY=secret,
+        MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.public_url.startswith("https://"),
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session cookie
+        RATELIMIT_ENABLED=settings.page_rate_per_minute > 0,
+        RATELIMIT_HEADERS_ENABLED=True,
+    )
     app.extensions[RUNTIME_KEY] = Runtime(settings)
     app.extensions[CLOCK_KEY] = clock or utcnow
+    csrf.init_app(app)
+    # Per client address (the proxy's X-Forwarded-For when ENGAGE_TRUST_PROXY=1), limits
+    # attached per blueprint below. In memory: each server process counts on its own.
+    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://")
     if settings.trust_proxy:
         # Twilio signs the public URL; behind a proxy the request arrives on another.
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1
         )
 
+    from engine.web.schedule import patient_pages
     from engine.web.webhooks import webhooks
 
+    csrf.exempt(webhooks)  # authenticated by Twilio's signature instead
     app.register_blueprint(webhooks)
+    app.register_blueprint(patient_pages)
+    limiter.limit(f"{max(settings.page_rate_per_minute, 1)}/minute")(patient_pages)
 
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:

@@ -20,6 +20,7 @@ from engine.crypto import (
     generate_key,
     key_id,
     load_keys,
+    load_secret_key,
     new_token,
     token_hash,
 )
@@ -49,11 +50,16 @@ def test_key_files_are_created_owner_only_and_load(tmp_path: Path) -> None:
     finally:
         os.umask(old_umask)
 
-    assert created == [settings.master_key_file, settings.index_key_file]
+    assert created == [
+        settings.master_key_file,
+        settings.index_key_file,
+        settings.secret_key_path,
+    ]
     for path in created:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     keyring = load_keys(settings)
     assert keyring.master_key != keyring.index_key
+    assert load_secret_key(settings) not in (keyring.master_key, keyring.index_key)
     assert ensure_key_files(settings) == []  # never overwritten
     assert load_keys(settings).master_key == keyring.master_key
 
@@ -88,16 +94,18 @@ def test_a_malformed_key_is_refused(tmp_path: Path, value: str, message: str) ->
 
 
 def test_keys_given_in_the_environment_need_no_files(tmp_path: Path) -> None:
-    master, index = generate_key(), generate_key()
+    master, index, secret = generate_key(), generate_key(), generate_key()
     settings = make_settings(
         tmp_path,
         master_key=base64.b64encode(master).decode(),
         index_key=base64.b64encode(index).decode(),
+        secret_key=base64.b64encode(secret).decode(),
     )
 
     assert ensure_key_files(settings) == []
     keyring = load_keys(settings)
     assert (keyring.master_key, keyring.index_key) == (master, index)
+    assert load_secret_key(settings) == secret
     assert not settings.var_dir.exists()
 
 
