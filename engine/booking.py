@@ -41,7 +41,6 @@ TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 MIN_LEAD = timedelta(hours=1)
 HORIZON = timedelta(days=60)
 MAX_SLOTS = 60
-CONFIRMATION_LIFETIME = timedelta(hours=24)
 BOOKING_LABEL = "booking"
 
 Outcome = Literal["booked", "taken", "gone", "no-slot"]
@@ -288,7 +287,7 @@ def _plan_confirmation(
         anchor=key_anchor,
         label=BOOKING_LABEL,
         due_at=now,
-        expires_at=min(now + CONFIRMATION_LIFETIME, appointment.starts_at),
+        expires_at=appointment.starts_at,  # useful until the visit, wherever rules defer it
         idempotency_key=idempotency_key(campaign.id, patient.external_id, key_anchor, "booking"),
     )
     confirming = replace(campaign, template=campaign.link.confirmation, link=None)

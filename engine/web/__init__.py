@@ -46,7 +46,6 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
         SESSION_COOKIE_SECURE=settings.public_url.startswith("https://"),
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session cookie
         RATELIMIT_ENABLED=settings.page_rate_per_minute > 0,
-        RATELIMIT_HEADERS_ENABLED=True,
     )
     app.extensions[RUNTIME_KEY] = Runtime(settings)
     app.extensions[CLOCK_KEY] = clock or utcnow

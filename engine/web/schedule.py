@@ -15,7 +15,7 @@ from datetime import datetime
 from itertools import groupby
 from zoneinfo import ZoneInfo
 
-from babel.dates import format_date, format_time, get_timezone_location
+from babel.dates import format_date, format_time, get_timezone_name
 from flask import (
     Blueprint,
     Response,
@@ -244,7 +244,10 @@ def _time_label(moment: datetime, language: str) -> str:
 
 
 def _zone_label(name: str, language: str) -> str:
+    """ "Eastern Time", "hora oriental"; UTC stays "UTC"."""
+    if name == "UTC":
+        return "UTC"
     try:
-        return get_timezone_location(_zone(name), locale=language)
+        return get_timezone_name(_zone(name), width="long", zone_variant="generic", locale=language)
     except LookupError:
         return name

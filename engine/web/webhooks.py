@@ -2,22 +2,44 @@
 hand over to engine.inbound in one transaction, answer with empty TwiML.
 
 No CSRF token here: the X-Twilio-Signature (HMAC-SHA1 of the URL and form with the
-account's auth token) is what authenticates these requests.
+account's auth token) is what authenticates these requests. Anyone can post, so what
+Twilio never sends is refused before it is read (over MAX_WEBHOOK_BYTES: 413; not a
+form: 415) or before it changes anything (unsigned: 403; no usable MessageSid or From:
+400). A signed report that means nothing here (unknown sid or status, odd ErrorCode) is
+answered 200: Twilio logs a 4xx as an error and, with retries configured, sends it again.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Callable
+from typing import TypeVar
 from xml.sax.saxutils import escape
 
 from flask import Blueprint, Response, abort, current_app, request
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 
+from engine.definitions import DefinitionSet
 from engine.inbound import InboundSms, StatusReport, handle_inbound, handle_status
 from engine.web import now_of, runtime_of
+
+log = logging.getLogger("engine.webhooks")
 
 webhooks = Blueprint("twilio_webhooks", __name__, url_prefix="/twilio")
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+# A text is at most 1,600 characters (about 19 KB form-encoded as emoji) plus ~30 fields.
+MAX_WEBHOOK_BYTES = 64 * 1024
+TRANSACTION_TRIES = 3
+# Twilio's sids are 34 characters; 48 fits every column a sid is written into.
+_SID = re.compile(r"[A-Za-z0-9_-]{1,48}")
+_ERROR_CODE = re.compile(r"[0-9]{1,9}")  # ASCII digits only; fits the integer column
+_RACE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
+
+T = TypeVar("T")
 
 
 def _twiml(reply: str | None = None) -> Response:
@@ -27,14 +49,39 @@ def _twiml(reply: str | None = None) -> Response:
     return Response(f'<?xml version="1.0" encoding="UTF-8"?>{body}', content_type="text/xml")
 
 
+@webhooks.before_request
+def _refuse_what_twilio_never_sends() -> None:
+    """415 for anything but a form; 413 for a body larger than any Twilio form, unread."""
+    if request.mimetype != "application/x-www-form-urlencoded":
+        abort(415)
+    # A Content-Length above the limit is refused before reading; a chunked body is read
+    # up to the limit only, and refused when it reaches it.
+    request.max_content_length = MAX_WEBHOOK_BYTES
+    if len(request.get_data(cache=True)) >= MAX_WEBHOOK_BYTES:
+        abort(413)
+
+
 def _require_signature() -> None:
-    """403 unless Twilio signed this exact URL and form with our auth token."""
+    """403 unless Twilio signed this exact URL and every form value with our auth token."""
     token = runtime_of(current_app).settings.twilio_auth_token
     signature = request.headers.get("X-Twilio-Signature", "")
     if not token or not signature:
         abort(403)
-    if not RequestValidator(token).validate(request.url, request.form.to_dict(), signature):
+    try:
+        # The MultiDict itself: Twilio signs every value of a repeated field.
+        signed = RequestValidator(token).validate(request.url, request.form, signature)
+    except ValueError:  # a Host header whose port is not a port: urlparse refuses it
+        signed = False
+    if not signed:
         abort(403)
+
+
+def _sid() -> str:
+    """The MessageSid, which keys idempotency; 400 unless it can be one."""
+    sid = request.form.get("MessageSid", "").strip()
+    if not _SID.fullmatch(sid):
+        abort(400)
+    return sid
 
 
 def _field(name: str) -> str:
@@ -44,39 +91,73 @@ def _field(name: str) -> str:
     return value
 
 
+def _error_code() -> int | None:
+    """Twilio's ErrorCode (five digits); None when absent or not a code."""
+    code = request.form.get("ErrorCode", "").strip()
+    return int(code) if _ERROR_CODE.fullmatch(code) else None
+
+
+def _in_transaction(work: Callable[[Session, DefinitionSet], T]) -> T:
+    """Run `work` in one transaction, and again when a concurrent request got in its way.
+
+    Twilio retries a text while the first attempt is still running. On SQLite the write
+    sessions queue for the lock; on PostgreSQL the loser of a race (a duplicate MessageSid
+    inserted meanwhile, a deadlock with a delivery report revoking the same patient) runs
+    again, sees the winner's rows and answers as for a duplicate instead of with a 500.
+    """
+    rt = runtime_of(current_app)
+    for attempt in range(1, TRANSACTION_TRIES + 1):
+        try:
+            with rt.write_sessions.begin() as session:
+                return work(session, rt.definitions(session))
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == TRANSACTION_TRIES or not _lost_a_race(exc):
+                raise
+            log.info(
+                "webhook.retry",
+                extra={"fields": {"attempt": attempt, "error": type(exc.orig).__name__}},
+            )
+    raise AssertionError("unreachable")
+
+
+def _lost_a_race(exc: DBAPIError) -> bool:
+    if isinstance(exc, IntegrityError):
+        return True
+    return getattr(exc.orig, "sqlstate", None) in _RACE_SQLSTATES
+
+
 @webhooks.post("/inbound")
 def inbound() -> Response:
     _require_signature()
     message = InboundSms(
-        message_sid=_field("MessageSid"),
+        message_sid=_sid(),
         from_number=_field("From"),
         to_number=request.form.get("To", ""),
         body=request.form.get("Body", ""),
         opt_out_type=request.form.get("OptOutType") or None,
     )
-    rt = runtime_of(current_app)
-    with rt.session_factory.begin() as session:
-        defs = rt.definitions(session)
-        result = handle_inbound(
-            session=session, keyring=rt.keyring, defs=defs, message=message, now=now_of(current_app)
+    keyring, now = runtime_of(current_app).keyring, now_of(current_app)
+    result = _in_transaction(
+        lambda session, defs: handle_inbound(
+            session=session, keyring=keyring, defs=defs, message=message, now=now
         )
+    )
     return _twiml(result.inline_reply)
 
 
 @webhooks.post("/status")
 def delivery_status() -> Response:
     _require_signature()
-    code = request.form.get("ErrorCode", "").strip()
     report = StatusReport(
-        message_sid=_field("MessageSid"),
-        message_status=_field("MessageStatus"),
-        error_code=int(code) if code.isdigit() else None,
+        message_sid=_sid(),
+        message_status=request.form.get("MessageStatus", ""),
+        error_code=_error_code(),
         ref=request.args.get("ref"),
     )
-    rt = runtime_of(current_app)
-    with rt.session_factory.begin() as session:
-        defs = rt.definitions(session)
-        handle_status(
-            session=session, keyring=rt.keyring, defs=defs, report=report, now=now_of(current_app)
+    keyring, now = runtime_of(current_app).keyring, now_of(current_app)
+    _in_transaction(
+        lambda session, defs: handle_status(
+            session=session, keyring=keyring, defs=defs, report=report, now=now
         )
+    )
     return _twiml()
