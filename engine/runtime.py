@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -14,7 +15,7 @@ from engine.crypto import KeyConfigError, Keyring, load_keys
 from engine.definitions import DefinitionSet
 from engine.settings import Settings
 from engine.store import db
-from engine.store.defqueries import active_definitions
+from engine.store.defqueries import active_definitions, active_version
 
 
 class UsageProblem(click.ClickException):
@@ -31,6 +32,8 @@ def utcnow() -> datetime:
 class Runtime:
     settings: Settings
     _defs: DefinitionSet | None = field(default=None, init=False)
+    _defs_version: str | None = field(default=None, init=False)
+    _defs_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @cached_property
     def engine(self) -> Engine:
@@ -64,10 +67,15 @@ class Runtime:
             raise UsageProblem("the database has no schema yet: run `engage init`")
 
     def definitions(self, session: Session) -> DefinitionSet:
-        """The active set stored by the last `engage sync`."""
-        if self._defs is None:
-            self.require_schema()
-            self._defs = active_definitions(session=session)
-        if self._defs is None:
-            raise UsageProblem("no definitions are active: run `engage sync`")
-        return self._defs
+        """The active set stored by the last `engage sync`, reloaded (in a long-running
+        server too) as soon as another set becomes active."""
+        with self._defs_lock:
+            if self._defs is None:
+                self.require_schema()
+            version = active_version(session=session)
+            if version != self._defs_version or self._defs is None:
+                self._defs = active_definitions(session=session) if version else None
+                self._defs_version = version
+            if self._defs is None:
+                raise UsageProblem("no definitions are active: run `engage sync`")
+            return self._defs

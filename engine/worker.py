@@ -29,7 +29,6 @@ from types import FrameType
 from typing import IO, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,8 +44,7 @@ from engine.dispatcher import (
     dispatch_until_idle,
 )
 from engine.settings import Settings
-from engine.store import models as m
-from engine.store.defqueries import active_definitions
+from engine.store.defqueries import active_definitions, active_version
 from engine.transports.base import Transport
 
 log = logging.getLogger("engine.worker")
@@ -172,8 +170,7 @@ class Worker:
     def definitions(self) -> DefinitionSet | None:
         """The active set, reloaded when `engage sync` made another one active."""
         with self._defs_lock, self.session_factory() as session:
-            stmt = select(m.DefinitionSet.version).where(m.DefinitionSet.active)
-            version = session.scalar(stmt)
+            version = active_version(session=session)
             if version != self._defs_version:
                 self._defs = active_definitions(session=session)
                 self._defs_version = version

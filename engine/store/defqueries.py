@@ -73,6 +73,11 @@ def sync_definitions(*, session: Session, defs: DefinitionSet, now: datetime) ->
     )
 
 
+def active_version(*, session: Session) -> str | None:
+    """The version of the active set (one indexed row), to notice another `engage sync`."""
+    return session.scalar(select(m.DefinitionSet.version).where(m.DefinitionSet.active))
+
+
 def active_definitions(*, session: Session) -> DefinitionSet | None:
     """The active set as stored by the last successful sync, or None before any sync."""
     rows = session.scalars(select(m.Definition).where(m.Definition.active)).all()

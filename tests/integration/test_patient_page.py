@@ -196,3 +196,15 @@ def test_the_confirmation_text_reaches_the_phone(
         "Riverside Health: you are booked for Dec 11 at 10:00 AM, Elm Ave Clinic. "
         "Questions: 800-555-0199. Reply STOP to opt out."
     )
+
+
+def test_a_running_app_follows_the_next_sync(
+    client: FlaskClient, db: Booking, definitions: Path
+) -> None:
+    token = db.token("S001")
+    assert "Call 800-555-0199." in client.get(f"/s/{token}").get_data(as_text=True)
+    program = definitions / "policies" / "program.yaml"
+    text = program.read_text(encoding="utf-8").replace("800-555-0199", "800-555-0123")
+    program.write_text(text, encoding="utf-8")
+    db.engage("sync")
+    assert "Call 800-555-0123." in client.get(f"/s/{token}").get_data(as_text=True)
