@@ -220,10 +220,12 @@ def _record_appointment(
     session: Session, view: LinkView, slot: m.Slot, *, link_outbox: int | None
 ) -> m.Appointment:
     """The booked visit as an appointment; the visit the link was sent about, if any, is
-    marked `rescheduled` (its reminders' audiences ask for `booked`)."""
+    marked `rescheduled` (its reminders' audiences ask for `booked`) and, if it was booked
+    here, its slot is offered again."""
     original = _original_appointment(session, view.patient_id, link_outbox)
     if original is not None and original.status == "booked":
         original.status = "rescheduled"
+        _release_slot(session, original)
     appointment = m.Appointment(
         patient_id=view.patient_id,
         appointment_id=f"slot-{slot.id}",
@@ -236,6 +238,22 @@ def _record_appointment(
     session.add(appointment)
     session.flush()
     return appointment
+
+
+def _release_slot(session: Session, appointment: m.Appointment) -> None:
+    """A visit booked here earlier (`slot-<id>`) gives its slot back to others."""
+    prefix = "slot-"
+    if not appointment.appointment_id.startswith(prefix):
+        return
+    slot_id = appointment.appointment_id[len(prefix) :]
+    if not slot_id.isdigit():
+        return
+    session.execute(
+        update(m.Slot)
+        .where(m.Slot.id == int(slot_id), m.Slot.booked_by == appointment.patient_id)
+        .values(booked_by=None, booked_at=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _original_appointment(

@@ -46,16 +46,20 @@ class Booking:
     def keyring(self) -> Keyring:
         return load_keys(self.settings)
 
-    def token(self, external_id: str) -> str:
-        """The token in the appointment reminder planned for this patient."""
+    def token(self, external_id: str, *, latest: bool = False) -> str:
+        """The token in the (first or latest) appointment reminder planned for them."""
         with self.runtime.session_factory() as session:
             patient = queries.patient_by_external_id(session=session, external_id=external_id)
             assert patient is not None
             row = session.scalar(
-                select(m.Outbox).where(
+                select(m.Outbox)
+                .where(
                     m.Outbox.patient_id == patient.id,
                     m.Outbox.campaign_id == "appointment-reminder",
+                    m.Outbox.template_id == "appointment-reminder",
                 )
+                .order_by(m.Outbox.id.desc() if latest else m.Outbox.id)
+                .limit(1)
             )
             assert row is not None and row.body_enc is not None
             cipher = queries.cipher_for(session=session, keyring=self.keyring, patient=patient)

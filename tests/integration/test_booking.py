@@ -130,6 +130,27 @@ def test_booking_takes_the_slot_uses_the_link_and_queues_a_confirmation(
     assert "Reply STOP" in text
 
 
+def test_rebooking_from_the_next_reminder_frees_the_first_slot(booking_db: Booking) -> None:
+    assert _book(booking_db, booking_db.token("S001"), "PC-1").outcome == "booked"
+    # The booked visit (Dec 10, 9:00 in New York) gets its own reminder two days before.
+    booking_db.engage("plan", "--at", "2026-12-08T15:00:00Z")
+    token = booking_db.token("S001", latest=True)
+    assert _link(booking_db, token).expires_at > NOW + timedelta(days=1)
+    result = _book(booking_db, token, "PC-3", now=NOW + timedelta(days=1))
+    assert result.outcome == "booked"
+    assert _slot(booking_db, "PC-1").booked_by is None  # offered to others again
+    with booking_db.runtime.session_factory() as session:
+        statuses = dict(
+            session.execute(
+                select(m.Appointment.appointment_id, m.Appointment.status).where(
+                    m.Appointment.appointment_id.like("slot-%")
+                )
+            ).all()
+        )
+    pc1, pc3 = _slot(booking_db, "PC-1").id, _slot(booking_db, "PC-3").id
+    assert statuses == {f"slot-{pc1}": "rescheduled", f"slot-{pc3}": "booked"}
+
+
 def test_a_link_books_once(booking_db: Booking) -> None:
     token = booking_db.token("S001")
     assert _book(booking_db, token, "PC-1").outcome == "booked"
