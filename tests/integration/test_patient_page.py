@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from engine.crypto import token_hash
@@ -39,6 +42,12 @@ def client(db: Booking) -> Iterator[FlaskClient]:
     app = create_app(db.settings, clock=lambda: NOW)
     with app.test_client() as client:
         yield client
+
+
+@pytest.fixture
+def unlimited(db: Booking) -> FlaskClient:
+    """A client of an app without the rate limit (for many requests in a row)."""
+    return create_app(db.settings.with_(page_rate_per_minute=0), clock=lambda: NOW).test_client()
 
 
 def _form(client: FlaskClient, token: str) -> tuple[str, Any]:
@@ -208,3 +217,36 @@ def test_a_running_app_follows_the_next_sync(
     program.write_text(text, encoding="utf-8")
     db.engage("sync")
     assert "Call 800-555-0123." in client.get(f"/s/{token}").get_data(as_text=True)
+
+
+_FORMS = st.dictionaries(
+    st.sampled_from(["slot", "csrf_token", "patient", "slot[]", ""]) | st.text(max_size=12),
+    st.text(max_size=80) | st.sampled_from(["PC-1", "CARD-1", "PC-1\x00", "' OR 1=1 --"]),
+    max_size=4,
+)
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"], indirect=True)
+@settings_(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(form=_FORMS, raw=st.binary(max_size=64), valid_csrf=st.booleans())
+def test_no_form_breaks_the_page(
+    unlimited: FlaskClient, db: Booking, form: dict[str, str], raw: bytes, valid_csrf: bool
+) -> None:
+    """Arbitrary fields, bytes that are not UTF-8, forged tokens: a 4xx or a booking, never
+    a 5xx, and a booking only of an offered slot with a valid CSRF token."""
+    client = unlimited
+    token = db.mint("S002")
+    csrf, _ = _form(client, token)
+    if valid_csrf:
+        form = {**form, "csrf_token": csrf}
+    response = client.post(f"/s/{token}", data=form)
+    assert response.status_code < 500
+    if response.status_code == 303:
+        assert valid_csrf and form.get("slot", "").strip() in {"PC-1", "PC-2", "PC-3"}
+    body = b"slot=" + raw + b"&csrf_token=" + csrf.encode()
+    response = client.post(
+        f"/s/{token}", data=body, content_type="application/x-www-form-urlencoded"
+    )
+    assert response.status_code < 500
