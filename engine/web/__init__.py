@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, redirect, url_for
 from flask.typing import ResponseReturnValue
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -66,6 +66,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
     app.register_blueprint(webhooks)
     app.register_blueprint(patient_pages)
     limiter.limit(f"{max(settings.page_rate_per_minute, 1)}/minute")(patient_pages)
+
+    @app.get("/favicon.ico")
+    def favicon() -> ResponseReturnValue:
+        return redirect(url_for("static", filename="favicon.svg"), code=301)
 
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:
