@@ -341,6 +341,16 @@ class AuditEntry(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+class AuditHead(Base):
+    """The chain's one head row: appenders lock it first, so entries form one line."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    entries: Mapped[int] = mapped_column(BigInteger)
+    last_hash: Mapped[str | None] = mapped_column(String(64))
+
+
 class User(Base):
     __tablename__ = "users"
 
@@ -351,6 +361,9 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     last_login_at: Mapped[datetime | None]
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    locked_until: Mapped[datetime | None]
+    created_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class ApiToken(Base):
@@ -363,3 +376,27 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+    prefix: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    created_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class TemplateDraft(Base):
+    """A template edited in the browser: pending until a compliance reviewer (not its
+    author) approves it, which makes it part of a new active definition set."""
+
+    __tablename__ = "template_drafts"
+    __table_args__ = (Index(None, "template_id", "locale"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    template_id: Mapped[str] = mapped_column(String(128))
+    locale: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))
+    content: Mapped[str] = mapped_column(Text)
+    base_version: Mapped[str | None] = mapped_column(String(64))
+    author: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending|approved|rejected|...
+    reviewed_by: Mapped[str | None] = mapped_column(String(128))
+    reviewed_at: Mapped[datetime | None]
+    comment: Mapped[str | None] = mapped_column(Text)
