@@ -34,6 +34,8 @@ class Settings:
     secret_key_file: Path | None = None
     # Patient page requests per client address and minute (0: no limit).
     page_rate_per_minute: int = 30
+    # Sign-in attempts per client address and minute.
+    login_rate_per_minute: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -63,6 +65,7 @@ class Settings:
             secret_key=env.get("ENGAGE_SECRET_KEY") or None,
             secret_key_file=Path(env.get("ENGAGE_SECRET_KEY_FILE", var_dir / "secret.key")),
             page_rate_per_minute=int(env.get("ENGAGE_PAGE_RATE", "30")),
+            login_rate_per_minute=int(env.get("ENGAGE_LOGIN_RATE", "10")),
         )
 
     @property

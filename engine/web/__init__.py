@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from flask import Flask, jsonify, redirect, url_for
+from flask import Blueprint, Flask, Response, jsonify, redirect, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -59,6 +59,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
             app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1
         )
 
+    from engine.web import auth
     from engine.web.schedule import patient_pages
     from engine.web.webhooks import webhooks
 
@@ -66,6 +67,15 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
     app.register_blueprint(webhooks)
     app.register_blueprint(patient_pages)
     limiter.limit(f"{max(settings.page_rate_per_minute, 1)}/minute")(patient_pages)
+    auth.init_app(app)
+    app.register_blueprint(auth.auth)
+    for blueprint in _area_blueprints():
+        app.register_blueprint(blueprint)
+    # Password guessing: per client on top of the per-account lockout (engine.accounts).
+    app.view_functions["auth.login"] = limiter.limit(
+        f"{max(settings.login_rate_per_minute, 1)}/minute", methods=["POST"]
+    )(app.view_functions["auth.login"])
+    app.after_request(_security_headers)
 
     @app.get("/favicon.ico")
     def favicon() -> ResponseReturnValue:
@@ -76,6 +86,54 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
         return jsonify(status="ok")
 
     return app
+
+
+ADMIN_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def _security_headers(response: Response) -> Response:
+    """Every response: no framing, no sniffing, no inline script (pages that set a stricter
+    policy, like the patient page, keep theirs); HSTS when served over TLS."""
+    for name, value in ADMIN_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.is_secure:
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+    if request.path.startswith(("/admin", "/api")):
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _area_blueprints() -> list[Blueprint]:
+    """Every module of the admin and API packages that has a `blueprint`, by its `ORDER`
+    (which is also the order of the admin menu)."""
+    import importlib
+    import pkgutil
+
+    from engine.web.ui import nav_item
+
+    modules = []
+    for package_name in AREA_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package_name}.{info.name}")
+            if hasattr(module, "blueprint"):
+                modules.append(module)
+    modules.sort(key=lambda module: (getattr(module, "ORDER", 100), module.__name__))
+    for module in modules:
+        for args in getattr(module, "MENU", ()):
+            nav_item(*args)
+    return [module.blueprint for module in modules]
+
+
+AREA_PACKAGES = ("engine.web.admin", "engine.web.api")
 
 
 def runtime_of(app: Flask) -> Runtime:
