@@ -11,6 +11,7 @@ clear.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -130,7 +131,7 @@ def _store(
         .values(
             provider_sid=message.message_sid,
             from_index=sender.phone_index,
-            to_number=message.to_number[:32],
+            to_number=_printable(message.to_number)[:32],
             patient_id=first.id if first else None,
             body_enc=body_enc,
             classification=kind,
@@ -326,7 +327,8 @@ def handle_status(
             row.provider_sid = report.message_sid
     if fresh_error and (new is not None or row.status in (status.UNDELIVERED, status.FAILED)):
         row.error_code = report.error_code
-        row.last_error = f"delivery report: {report.message_status} (error {report.error_code})"
+        said = _printable(report.message_status)[:32]
+        row.last_error = f"delivery report: {said} (error {report.error_code})"
     if fresh_error and report.error_code == CARRIER_OPT_OUT_CODE:
         ctx = RecordContext(worker_id="status-callback", now=now, defs=defs, keyring=keyring)
         revoke_for_carrier_opt_out(
@@ -343,10 +345,21 @@ def _reported_row(session: Session, report: StatusReport) -> m.Outbox | None:
     lock = session.get_bind().dialect.name == "postgresql"
     stmt = select(o).where(o.provider_sid == report.message_sid)
     row = session.scalars(stmt.with_for_update() if lock else stmt).first()
-    if row is not None or not (report.ref or "").isdigit():
+    outbox_id = _outbox_id(report.ref)
+    if row is not None or outbox_id is None:
         return row
-    stmt = select(o).where(o.id == int(report.ref or "0"))
+    stmt = select(o).where(o.id == outbox_id)
     row = session.scalars(stmt.with_for_update() if lock else stmt).first()
     if row is None or row.provider_sid not in (None, report.message_sid):
         return None
     return row
+
+
+def _outbox_id(ref: str | None) -> int | None:
+    """The outbox id on the callback URL; None for anything that cannot be one."""
+    return int(ref) if ref and re.fullmatch(r"[0-9]{1,18}", ref) else None
+
+
+def _printable(text: str) -> str:
+    """`text` without control characters (PostgreSQL text refuses NUL) for a column."""
+    return "".join(c for c in text if c.isprintable())

@@ -7,39 +7,32 @@ Twilio never sends is refused before it is read (over MAX_WEBHOOK_BYTES: 413; no
 form: 415) or before it changes anything (unsigned: 403; no usable MessageSid or From:
 400). A signed report that means nothing here (unknown sid or status, odd ErrorCode) is
 answered 200: Twilio logs a 4xx as an error and, with retries configured, sends it again.
+
+Twilio may retry a text while the first attempt is still running. The write sessions
+make the retry wait (SQLite: BEGIN IMMEDIATE queues for the lock; PostgreSQL: the insert
+waits on the MessageSid's unique index, then does nothing), so it sees the first
+attempt's row and is answered as a duplicate, not with a 500.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Callable
-from typing import TypeVar
 from xml.sax.saxutils import escape
 
 from flask import Blueprint, Response, abort, current_app, request
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 
-from engine.definitions import DefinitionSet
 from engine.inbound import InboundSms, StatusReport, handle_inbound, handle_status
 from engine.web import now_of, runtime_of
-
-log = logging.getLogger("engine.webhooks")
 
 webhooks = Blueprint("twilio_webhooks", __name__, url_prefix="/twilio")
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 # A text is at most 1,600 characters (about 19 KB form-encoded as emoji) plus ~30 fields.
 MAX_WEBHOOK_BYTES = 64 * 1024
-TRANSACTION_TRIES = 3
 # Twilio's sids are 34 characters; 48 fits every column a sid is written into.
 _SID = re.compile(r"[A-Za-z0-9_-]{1,48}")
 _ERROR_CODE = re.compile(r"[0-9]{1,9}")  # ASCII digits only; fits the integer column
-_RACE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
-
-T = TypeVar("T")
 
 
 def _twiml(reply: str | None = None) -> Response:
@@ -97,35 +90,6 @@ def _error_code() -> int | None:
     return int(code) if _ERROR_CODE.fullmatch(code) else None
 
 
-def _in_transaction(work: Callable[[Session, DefinitionSet], T]) -> T:
-    """Run `work` in one transaction, and again when a concurrent request got in its way.
-
-    Twilio retries a text while the first attempt is still running. On SQLite the write
-    sessions queue for the lock; on PostgreSQL the loser of a race (a duplicate MessageSid
-    inserted meanwhile, a deadlock with a delivery report revoking the same patient) runs
-    again, sees the winner's rows and answers as for a duplicate instead of with a 500.
-    """
-    rt = runtime_of(current_app)
-    for attempt in range(1, TRANSACTION_TRIES + 1):
-        try:
-            with rt.write_sessions.begin() as session:
-                return work(session, rt.definitions(session))
-        except (IntegrityError, OperationalError) as exc:
-            if attempt == TRANSACTION_TRIES or not _lost_a_race(exc):
-                raise
-            log.info(
-                "webhook.retry",
-                extra={"fields": {"attempt": attempt, "error": type(exc.orig).__name__}},
-            )
-    raise AssertionError("unreachable")
-
-
-def _lost_a_race(exc: DBAPIError) -> bool:
-    if isinstance(exc, IntegrityError):
-        return True
-    return getattr(exc.orig, "sqlstate", None) in _RACE_SQLSTATES
-
-
 @webhooks.post("/inbound")
 def inbound() -> Response:
     _require_signature()
@@ -136,12 +100,12 @@ def inbound() -> Response:
         body=request.form.get("Body", ""),
         opt_out_type=request.form.get("OptOutType") or None,
     )
-    keyring, now = runtime_of(current_app).keyring, now_of(current_app)
-    result = _in_transaction(
-        lambda session, defs: handle_inbound(
-            session=session, keyring=keyring, defs=defs, message=message, now=now
+    rt = runtime_of(current_app)
+    with rt.write_sessions.begin() as session:
+        defs = rt.definitions(session)
+        result = handle_inbound(
+            session=session, keyring=rt.keyring, defs=defs, message=message, now=now_of(current_app)
         )
-    )
     return _twiml(result.inline_reply)
 
 
@@ -154,10 +118,10 @@ def delivery_status() -> Response:
         error_code=_error_code(),
         ref=request.args.get("ref"),
     )
-    keyring, now = runtime_of(current_app).keyring, now_of(current_app)
-    _in_transaction(
-        lambda session, defs: handle_status(
-            session=session, keyring=keyring, defs=defs, report=report, now=now
+    rt = runtime_of(current_app)
+    with rt.write_sessions.begin() as session:
+        defs = rt.definitions(session)
+        handle_status(
+            session=session, keyring=rt.keyring, defs=defs, report=report, now=now_of(current_app)
         )
-    )
     return _twiml()

@@ -5,9 +5,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from engine import outbox_status as outbox
 from engine.core.domain import ConsentEvent
-from engine.core.inbound import advance, classify, regrantable, reported_status
+from engine.core.inbound import (
+    HELP_KEYWORDS,
+    OPT_IN_KEYWORDS,
+    OPT_OUT_KEYWORDS,
+    advance,
+    classify,
+    regrantable,
+    reported_status,
+)
 
 OPT_OUT = [
     "STOP", "stop", " Stop. ", "STOP!!!", "StopAll", "STOP ALL",
@@ -121,3 +132,106 @@ def test_nothing_to_give_back_while_consent_is_active() -> None:
 )
 def test_status_only_moves_forward(current: str, reported: str, expected: str | None) -> None:
     assert advance(current, reported_status(reported)) == expected
+
+
+# --- properties (hypothesis) -----------------------------------------------------------------
+
+CLASSES = {"opt_out", "opt_in", "help", "other"}
+KEYWORDS = sorted(
+    [(k, "opt_out") for k in OPT_OUT_KEYWORDS]
+    + [(k, "opt_in") for k in OPT_IN_KEYWORDS]
+    + [(k, "help") for k in HELP_KEYWORDS]
+)
+ANY_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)
+CONTROL = st.text(st.characters(max_codepoint=0x9F), max_size=50)  # C0, C1, DEL, ASCII
+LONG = st.builds(lambda s, n: s * n, st.sampled_from(["stop ", "no more texts ", "🙂", "\x00"]),
+                 st.integers(1, 5000))  # fmt: skip
+WHITESPACE = st.text(st.sampled_from(" \t\n\r\x0b\x0c\u00a0\u2003\u3000"), max_size=4)
+PUNCTUATION = st.text(st.characters(categories=("Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po")),
+                      max_size=4)  # fmt: skip
+# The forward order of delivery (CTIA / Twilio message lifecycle): a row never goes back.
+RANK = {outbox.SENT: 1, outbox.DELIVERED: 2, outbox.UNDELIVERED: 3, outbox.FAILED: 3}
+OUTBOX_STATUSES = [
+    outbox.QUEUED, outbox.DEFERRED, outbox.BLOCKED, outbox.EXPIRED, outbox.CANCELLED,
+    outbox.SENDING, outbox.SENT, outbox.FAILED, outbox.UNKNOWN, outbox.DELIVERED,
+    outbox.UNDELIVERED,
+]  # fmt: skip
+TWILIO_STATUSES = [
+    "accepted", "scheduled", "canceled", "queued", "sending", "sent", "failed", "delivered",
+    "undelivered", "receiving", "received", "read", "partially_delivered",
+]  # fmt: skip
+REPORTS = st.sampled_from(TWILIO_STATUSES) | st.text(max_size=20)
+
+
+def _mangle_case(text: str, flips: list[bool]) -> str:
+    return "".join(c.upper() if up else c.lower() for c, up in zip(text, flips, strict=False))
+
+
+@given(body=ANY_TEXT | CONTROL | LONG, opt_out_type=st.none() | ANY_TEXT)
+def test_classify_never_raises_and_answers_one_of_four(body: str, opt_out_type: str | None) -> None:
+    assert classify(body, opt_out_type) in CLASSES
+
+
+@given(body=ANY_TEXT)
+def test_classify_ignores_case_and_surrounding_whitespace(body: str) -> None:
+    expected = classify(body)
+    assert classify(body.lower()) == classify(body.upper()) == expected
+    assert classify(f" \t{body}\n ") == expected
+
+
+@given(
+    keyword=st.sampled_from(KEYWORDS),
+    flips=st.lists(st.booleans(), min_size=20, max_size=20),
+    before=st.tuples(WHITESPACE, PUNCTUATION, WHITESPACE),
+    after=st.tuples(WHITESPACE, PUNCTUATION, WHITESPACE),
+)
+def test_every_keyword_in_any_case_and_wrapping_is_understood(
+    keyword: tuple[str, str],
+    flips: list[bool],
+    before: tuple[str, str, str],
+    after: tuple[str, str, str],
+) -> None:
+    word, expected = keyword
+    body = "".join(before) + _mangle_case(word, flips) + "".join(after)
+    assert classify(body) == expected, body
+
+
+@given(
+    kind=st.sampled_from([("stop", "opt_out"), ("start", "opt_in"), ("help", "help")]),
+    flips=st.lists(st.booleans(), min_size=5, max_size=5),
+    padding=WHITESPACE,
+    body=ANY_TEXT,
+)
+def test_twilio_opt_out_type_wins_over_any_body(
+    kind: tuple[str, str], flips: list[bool], padding: str, body: str
+) -> None:
+    opt_out_type, expected = kind
+    assert classify(body, padding + _mangle_case(opt_out_type, flips) + padding) == expected
+
+
+@given(current=st.sampled_from(OUTBOX_STATUSES) | st.text(max_size=12), report=REPORTS)
+def test_advance_only_ever_moves_forward(current: str, report: str) -> None:
+    new = advance(current, reported_status(report))
+    if new is None:
+        return
+    assert current in (outbox.SENT, outbox.DELIVERED)  # only reported rows move
+    assert RANK[new] > RANK[current]
+    assert advance(new, reported_status(report)) is None  # the duplicate changes nothing
+
+
+@given(reports=st.lists(REPORTS, max_size=12))
+def test_late_and_duplicate_reports_never_move_a_row_back(reports: list[str]) -> None:
+    current = outbox.SENT
+    for report in reports:
+        new = advance(current, reported_status(report))
+        if new is not None:
+            assert current not in (outbox.UNDELIVERED, outbox.FAILED)
+            assert RANK[new] > RANK[current]
+            current = new
+    finals = [r for r in map(reported_status, reports) if r in (outbox.UNDELIVERED, outbox.FAILED)]
+    if finals:
+        assert current == finals[0]  # the first final report wins, whatever came after
+    elif outbox.DELIVERED in map(reported_status, reports):
+        assert current == outbox.DELIVERED
+    else:
+        assert current == outbox.SENT
