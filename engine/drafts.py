@@ -134,6 +134,12 @@ def review_draft(
         raise DraftError("nobody reviews their own edit: ask another compliance reviewer")
     if decision == "reject" and not (comment or "").strip():
         raise DraftError("say why it is rejected, so the author can fix it")
+    current = defs.templates.get((draft.template_id, draft.locale))
+    if decision == "approve" and (current is None or current.version != draft.base_version):
+        raise DraftError(
+            "the template changed since this edit was made: ask for a new edit on top of "
+            "the current version"
+        )
     draft.status = APPROVED if decision == "approve" else REJECTED
     draft.reviewed_by, draft.reviewed_at, draft.comment = reviewer, now, comment
     record_review(
@@ -148,12 +154,6 @@ def review_draft(
     )
     version = None
     if decision == "approve":
-        current = defs.templates.get((draft.template_id, draft.locale))
-        if current is None or current.version != draft.base_version:
-            raise DraftError(
-                "the template changed since this edit was made: ask for a new edit on top of "
-                "the current version"
-            )
         new_defs = _load_with(session, {draft.path: draft.content})
         version = sync_definitions(session=session, defs=new_defs, now=now).version
     audit.record(

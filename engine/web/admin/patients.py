@@ -1,0 +1,75 @@
+"""A patient's consent history (GDPR Art. 7(1): the controller shows that consent was given):
+the ledger with its evidence, current consent per purpose, suppression, recent decisions.
+Every view of a patient is audited."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, redirect, request, url_for
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from wtforms import StringField
+from wtforms.validators import DataRequired, Length
+
+from engine.core.consent import current_consents
+from engine.store import admin_queries as q
+from engine.store import models as m
+from engine.store.consent_queries import suppressed_patients
+from engine.store.queries import patient_by_external_id
+from engine.web import runtime_of, ui
+from engine.web.auth import requires
+
+blueprint = Blueprint("patients", __name__, url_prefix="/admin/patients")
+ORDER = 40
+MENU = [("patients.search", "Patients", "patients.view")]
+
+
+class PatientSearch(FlaskForm):  # type: ignore[misc]
+    class Meta:
+        csrf = False  # a GET form that changes nothing
+
+    external_id = StringField("Patient id", validators=[DataRequired(), Length(max=64)])
+
+
+@blueprint.get("")
+@requires("patients.view")
+def search() -> Response:
+    form = PatientSearch(formdata=request.args if request.args else None)
+    if not request.args:
+        return ui.page("admin/patients/search.html", form=form)
+    if not form.validate():
+        return ui.page("admin/patients/search.html", form=form, status=400)
+    external_id = form.external_id.data.strip()
+    with ui.reading() as db:
+        found = db.scalar(select(m.Patient.id).where(m.Patient.external_id == external_id))
+    if found is None:
+        form.external_id.errors = [f"no patient has the id {external_id!r}"]
+        return ui.page("admin/patients/search.html", form=form, status=404)
+    return redirect(url_for("patients.patient", external_id=external_id))
+
+
+@blueprint.get("/<external_id>")
+@requires("patients.view")
+def patient(external_id: str) -> Response:
+    keyring = runtime_of(current_app).keyring
+    with ui.reading() as db:
+        row = patient_by_external_id(session=db, external_id=external_id)
+        if row is None:
+            return ui.page(
+                "admin/error.html", status=404, code=404, message="There is no such patient."
+            )
+        defs = ui.definitions(db)
+        ledger = q.consent_ledger(session=db, keyring=keyring, patient_id=row.id)
+        states = current_consents([e.event for e in ledger], purposes=list(defs.purposes))
+        suppressed = row.id in suppressed_patients(session=db, patient_ids=[row.id])
+        decisions = q.recent_decisions(session=db, patient_id=row.id)
+        db.expunge(row)
+    ui.record("patient_viewed", f"patient:{external_id}", events=len(ledger))
+    return ui.page(
+        "admin/patients/patient.html",
+        patient=row,
+        ledger=ledger,
+        states=states,
+        purposes=defs.purposes,
+        suppressed=suppressed,
+        decisions=decisions,
+    )
