@@ -190,7 +190,7 @@ def preview(rt: Runtime, template_id: str, patient_id: str, at_text: str | None)
         if not found:
             raise UsageProblem(f"unknown patient {patient_id!r}")
         candidate = found[0]
-        campaign = _campaign_for(defs, template_id)
+        campaign = campaign_for(defs, template_id)
         anchors = anchors_of(campaign, candidate)
         anchor = anchors[0] if anchors else None
         consents = consent_lookup(session, defs)([candidate.row_id])[candidate.row_id]
@@ -211,7 +211,7 @@ def preview(rt: Runtime, template_id: str, patient_id: str, at_text: str | None)
     _print_preview(defs, e, anchor)
 
 
-def _campaign_for(defs: DefinitionSet, template_id: str) -> Campaign:
+def campaign_for(defs: DefinitionSet, template_id: str) -> Campaign:
     """A campaign sending this template, else a stand-in without an anchor."""
     for campaign in defs.campaigns.values():
         if campaign.template == template_id:
