@@ -107,10 +107,10 @@ def _print_json(header: dict, evaluations: Iterator[Evaluation], summary: DryRun
     click.echo(json.dumps(header)[:-1] + ', "decisions": [', nl=False)
     for i, evaluation in enumerate(evaluations):
         click.echo(("," if i else "") + "\n  " + json.dumps(decision_json(evaluation)), nl=False)
-    click.echo("\n], " + json.dumps({"summary": _summary_json(summary)})[1:])
+    click.echo("\n], " + json.dumps({"summary": summary_json(summary)})[1:])
 
 
-def _summary_json(summary: DryRunSummary) -> dict:
+def summary_json(summary: DryRunSummary) -> dict:
     return {
         "allow": summary.outcomes["allow"],
         "defer": summary.outcomes["defer"],

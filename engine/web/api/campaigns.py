@@ -10,7 +10,7 @@ from datetime import UTC
 from flask import Response, current_app
 
 from engine import audit
-from engine.cli_decide import _summary_json, candidates, consent_lookup
+from engine.cli_decide import candidates, consent_lookup, summary_json
 from engine.core.domain import Campaign
 from engine.definitions import DefinitionSet
 from engine.defmodels import ID_PATTERN
@@ -179,7 +179,7 @@ def dry_run_campaign(campaign_id: str) -> Response:
             "definitions": defs.version,
             "at": at.isoformat(),
             "decisions": decisions,
-            "summary": _summary_json(summary),
+            "summary": summary_json(summary),
             "truncated": made > q.limit,
         }
     )
