@@ -29,6 +29,7 @@ from types import FrameType
 from typing import IO, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import Histogram
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,6 +48,13 @@ from engine.settings import Settings
 from engine.store.defqueries import active_definitions, active_version
 from engine.transports.base import Transport
 
+# With PROMETHEUS_MULTIPROC_DIR shared with the web app, /metrics includes these.
+TICK_SECONDS = Histogram(
+    "engage_tick_duration_seconds",
+    "Duration of the worker's ticks, by tick (plan, dispatch, reconcile) and outcome.",
+    ["tick", "outcome"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
 log = logging.getLogger("engine.worker")
 
 
@@ -237,12 +245,16 @@ class Worker:
 
         def run() -> None:
             started = time.perf_counter()
+            outcome = "ok"
             try:
                 tick()
             except SQLAlchemyError as exc:
+                outcome = "failed"
                 seconds = round(time.perf_counter() - started, 3)
                 fields = self.fields(tick=name, error=type(exc).__name__, seconds=seconds)
                 log.error("worker.tick_failed", extra={"fields": fields})
+            finally:
+                TICK_SECONDS.labels(name, outcome).observe(time.perf_counter() - started)
 
         return run
 
