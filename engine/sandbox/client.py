@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -42,6 +43,36 @@ class SandboxClient:
         if response.status_code == 400:
             raise ValueError(response.json()["error"])
         response.raise_for_status()
+        return dict(response.json())
+
+    def phones(self) -> list[dict[str, Any]]:
+        """One summary per phone (number, received, sent, unread, last_at), latest first."""
+        return list(self._get("/sandbox/phones.json")["phones"])
+
+    def thread(self, number: str) -> dict[str, Any]:
+        """A phone's conversation: {number, unread, messages: [{sid, direction (outbound:
+        to the phone, inbound: from it), body, at, status}]}, oldest first."""
+        return self._get(f"/sandbox/phones/{quote(number)}.json")
+
+    def mark_read(self, number: str) -> None:
+        response = self._session.post(
+            f"{self.base_url}/sandbox/phones/{quote(number)}/read", timeout=self._timeout
+        )
+        response.raise_for_status()
+
+    def text_from(self, number: str, body: str, *, url: str | None = None) -> dict[str, Any]:
+        """The phone texts `body`; the sandbox POSTs it, signed, to the messaging webhook
+        (`url`, else the sandbox's inbound_url). {sid, webhook_status, error}; a webhook
+        that cannot be reached gives webhook_status None."""
+        response = self._session.post(
+            f"{self.base_url}/sandbox/phones/{quote(number)}/messages",
+            json={"body": body, **({"url": url} if url else {})},
+            timeout=self._timeout + 10,
+        )
+        if response.status_code == 400:
+            raise ValueError(response.json()["error"])
+        if response.status_code not in (201, 502):
+            response.raise_for_status()
         return dict(response.json())
 
     def reset(self) -> None:

@@ -138,4 +138,7 @@ class SandboxConfig:
     callback_timeout_seconds: float = 5.0
     callback_workers: int = 4
     date_sent_day_granular: bool = False  # compare DateSent filters by day, like older APIs
+    # The messaging webhook a phone's texts are POSTed to (Twilio's SmsUrl of the number);
+    # a request to /sandbox/phones/<number>/messages may name another.
+    inbound_url: str | None = None
     max_page_size: int = 1000

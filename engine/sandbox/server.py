@@ -8,7 +8,7 @@ from types import TracebackType
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from engine.sandbox import api, control
+from engine.sandbox import api, control, phone_api
 from engine.sandbox.config import SandboxConfig
 from engine.sandbox.keepalive import KeepAliveRequestHandler, OpenConnections
 from engine.sandbox.service import Sandbox
@@ -24,6 +24,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
     app.extensions["engage_sandbox"] = Sandbox(config or SandboxConfig())
     app.register_blueprint(api.bp)
     app.register_blueprint(control.bp)
+    app.register_blueprint(phone_api.bp)
     return app
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import re
-import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ from engine.core.sms import measure
 from engine.sandbox.callbacks import CallbackSender
 from engine.sandbox.config import SANDBOX_FROM_NUMBER, SandboxConfig
 from engine.sandbox.faults import FAILED_CODES, FaultInjector, error_message, http_status_for
-from engine.sandbox.store import MessageStore, SandboxMessage, build_timeline, utcnow
+from engine.sandbox.phones import Phones
+from engine.sandbox.store import MessageStore, SandboxMessage, build_timeline, new_sid, utcnow
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 MAX_BODY = 1600
@@ -41,10 +41,6 @@ class TwilioError:
         }
 
 
-def new_sid(prefix: str = "SM") -> str:
-    return prefix + secrets.token_hex(16)
-
-
 class Sandbox:
     """One sandbox: its message store, fault injector and status-callback sender."""
 
@@ -60,6 +56,7 @@ class Sandbox:
             timeout_seconds=config.callback_timeout_seconds,
             workers=config.callback_workers,
         )
+        self.phones = Phones(self.store, config)
         self._stopping = threading.Event()
         self._sent_delay = timedelta(milliseconds=config.sent_delay_ms)
         self._delivered_delay = timedelta(milliseconds=config.delivered_delay_ms)
@@ -68,6 +65,7 @@ class Sandbox:
         """End held requests and the callback threads."""
         self._stopping.set()
         self.callbacks.stop()
+        self.phones.close()
 
     def hang(self) -> None:
         """Hold a request as a stuck provider would (cut short when the sandbox stops)."""
@@ -148,3 +146,4 @@ class Sandbox:
     def reset(self) -> None:
         self.callbacks.clear()
         self.store.reset()
+        self.phones.reset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -143,6 +144,11 @@ class MessageStore:
             self._sids_by_to.setdefault(message.to, []).append(message.sid)
             self._accepted[message.to] += 1
 
+    def numbers(self) -> list[str]:
+        """Every To number a message was accepted for."""
+        with self._lock:
+            return list(self._sids_by_to)
+
     def get(self, sid: str) -> SandboxMessage | None:
         return self._messages.get(sid)
 
@@ -193,6 +199,10 @@ def build_timeline(
     final = "delivered" if error_code is None else "undelivered"
     steps.append(StatusStep(sent_at + delivered_delay, final, error_code))
     return tuple(steps)
+
+
+def new_sid(prefix: str = "SM") -> str:
+    return prefix + secrets.token_hex(16)
 
 
 def utcnow() -> datetime:
