@@ -69,6 +69,18 @@ class Settings:
         )
 
     @property
+    def webhook_auth_token(self) -> str | None:
+        """The token Twilio signs webhooks with; the sandbox's own when it is the transport
+        and no Twilio token is configured (never for the real Twilio transport)."""
+        if self.twilio_auth_token:
+            return self.twilio_auth_token
+        if self.transport == "sandbox":
+            from engine.sandbox.config import SANDBOX_AUTH_TOKEN
+
+            return SANDBOX_AUTH_TOKEN
+        return None
+
+    @property
     def secret_key_path(self) -> Path:
         return self.secret_key_file or self.var_dir / "secret.key"
 

@@ -83,7 +83,16 @@ def record(action: str, subject: str | None = None, **details: Any) -> None:
         )
 
 
+def _current_section(menu: list[tuple[str, str]]) -> str | None:
+    """The menu item to mark: the page's own, else the first of its blueprint's."""
+    endpoint = request.endpoint or ""
+    if any(e == endpoint for e, _ in menu):
+        return endpoint
+    area = endpoint.split(".")[0]
+    return next((e for e, _ in menu if e.split(".")[0] == area), None)
+
+
 def page(template: str, *, status: int = 200, **context: Any) -> Response:
     menu = [(e, label) for e, label, p in NAV if can(p)]
-    html = render_template(template, menu=menu, can=can, active=request.endpoint, **context)
+    html = render_template(template, menu=menu, can=can, active=_current_section(menu), **context)
     return make_response(html, status)

@@ -56,7 +56,7 @@ def _refuse_what_twilio_never_sends() -> None:
 
 def _require_signature() -> None:
     """403 unless Twilio signed this exact URL and every form value with our auth token."""
-    token = runtime_of(current_app).settings.twilio_auth_token
+    token = runtime_of(current_app).settings.webhook_auth_token
     signature = request.headers.get("X-Twilio-Signature", "")
     if not token or not signature:
         abort(403)
