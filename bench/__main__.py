@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import decide, dryrun, population, sandbox, sending
+from bench import decide, dryrun, population, sandbox, sending, webhooks
 
 COMMANDS = {
     "decide": decide.main,
@@ -12,6 +12,7 @@ COMMANDS = {
     "population": population.main,
     "sandbox": sandbox.main,
     "sending": sending.main,
+    "webhooks": webhooks.main,
 }
 
 

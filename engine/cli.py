@@ -186,9 +186,27 @@ def approve(
 
 
 def _register() -> None:
-    from engine import cli_consent, cli_decide, cli_ops, cli_sandbox, cli_worker
+    from engine import (
+        cli_consent,
+        cli_decide,
+        cli_demo,
+        cli_ops,
+        cli_sandbox,
+        cli_serve,
+        cli_users,
+        cli_worker,
+    )
 
-    for module in (cli_decide, cli_consent, cli_ops, cli_worker, cli_sandbox):
+    for module in (
+        cli_decide,
+        cli_consent,
+        cli_ops,
+        cli_worker,
+        cli_sandbox,
+        cli_serve,
+        cli_users,
+        cli_demo,
+    ):
         module.register(main)
 
 
