@@ -55,6 +55,28 @@ def consent_lookup(session: Session, defs: DefinitionSet):  # type: ignore[no-un
     return lookup
 
 
+def dry_run_stored(
+    rt: Runtime,
+    session: Session,
+    defs: DefinitionSet,
+    *,
+    campaign: Campaign,
+    at: datetime,
+    summary: DryRunSummary,
+) -> Iterator[Evaluation]:
+    """The dry-run over the stored population (CLI, admin page and API alike)."""
+    return dry_run(
+        defs,
+        campaign=campaign,
+        candidates=candidates(rt, session),
+        consents_for=consent_lookup(session, defs),
+        at=at,
+        approved_versions=approved_versions(session=session),
+        public_url=rt.settings.public_url,
+        summary=summary,
+    )
+
+
 def campaign_or_exit(defs: DefinitionSet, campaign_id: str) -> Campaign:
     campaign = defs.campaigns.get(campaign_id)
     if campaign is None:
@@ -79,16 +101,7 @@ def dry_run_command(
         defs = rt.definitions(session)
         campaign = campaign_or_exit(defs, campaign_id)
         summary = DryRunSummary()
-        evaluations = dry_run(
-            defs,
-            campaign=campaign,
-            candidates=candidates(rt, session),
-            consents_for=consent_lookup(session, defs),
-            at=at,
-            approved_versions=approved_versions(session=session),
-            public_url=rt.settings.public_url,
-            summary=summary,
-        )
+        evaluations = dry_run_stored(rt, session, defs, campaign=campaign, at=at, summary=summary)
         header = {
             "campaign": campaign.id,
             "campaign_version": campaign.version,

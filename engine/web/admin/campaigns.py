@@ -25,11 +25,11 @@ from wtforms import DateTimeLocalField, HiddenField, SelectField, SubmitField, T
 from wtforms.validators import DataRequired, Length
 
 from engine import audit, drafts
-from engine.cli_decide import candidates, consent_lookup
+from engine.cli_decide import dry_run_stored
 from engine.core.describe import describe_duration, describe_schedule
 from engine.core.domain import Campaign
 from engine.definitions import DefinitionSet
-from engine.dryrun import DryRunSummary, dry_run
+from engine.dryrun import DryRunSummary
 from engine.evaluate import Evaluation
 from engine.store import dashboard_queries as dq
 from engine.store.defqueries import approved_versions
@@ -262,16 +262,7 @@ def dry_run_page(campaign_id: str) -> Response:
         at = form.at.data.replace(tzinfo=ZoneInfo(form.zone.data)).astimezone(UTC)
         summary = DryRunSummary()
         shown: list[Evaluation] = []
-        for evaluation in dry_run(
-            defs,
-            campaign=found,
-            candidates=candidates(rt, db),
-            consents_for=consent_lookup(db, defs),
-            at=at,
-            approved_versions=approved_versions(session=db),
-            public_url=rt.settings.public_url,
-            summary=summary,
-        ):
+        for evaluation in dry_run_stored(rt, db, defs, campaign=found, at=at, summary=summary):
             if len(shown) < SHOWN_DECISIONS:
                 shown.append(evaluation)
     ui.record(

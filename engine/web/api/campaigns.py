@@ -10,12 +10,11 @@ from datetime import UTC
 from flask import Response, current_app
 
 from engine import audit
-from engine.cli_decide import candidates, consent_lookup, summary_json
+from engine.cli_decide import dry_run_stored, summary_json
 from engine.core.domain import Campaign
 from engine.definitions import DefinitionSet
 from engine.defmodels import ID_PATTERN
-from engine.dryrun import DryRunSummary, decision_json, dry_run
-from engine.store.defqueries import approved_versions
+from engine.dryrun import DryRunSummary, decision_json
 from engine.store.outbox_queries import outbox_status, paused_campaigns, set_paused
 from engine.web import runtime_of, ui
 from engine.web.api import models as api
@@ -158,16 +157,7 @@ def dry_run_campaign(campaign_id: str) -> Response:
         campaign = _campaign(defs, campaign_id)
         summary = DryRunSummary()
         decisions, made = [], 0
-        for evaluation in dry_run(
-            defs,
-            campaign=campaign,
-            candidates=candidates(rt, db),
-            consents_for=consent_lookup(db, defs),
-            at=at,
-            approved_versions=approved_versions(session=db),
-            public_url=rt.settings.public_url,
-            summary=summary,
-        ):
+        for evaluation in dry_run_stored(rt, db, defs, campaign=campaign, at=at, summary=summary):
             made += 1
             if made <= q.limit:
                 decisions.append(decision_json(evaluation))
