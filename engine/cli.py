@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from engine import audit
 from engine.checking import check_definitions
 from engine.crypto import ensure_key_files
 from engine.definitions import load_definitions
@@ -72,7 +73,23 @@ def sync(rt: Runtime, path: Path | None) -> None:
         ) from exc
     rt.require_schema()
     with rt.session_factory.begin() as session:
-        result = sync_definitions(session=session, defs=defs, now=utcnow())
+        now = utcnow()
+        result = sync_definitions(session=session, defs=defs, now=now)
+        if not result.unchanged:
+            audit.record(
+                session=session,
+                actor=audit.cli_actor(),
+                action="definitions_loaded",
+                subject=f"definitions:{result.version}",
+                details={
+                    "version": result.version,
+                    "previous": result.previous,
+                    "added": list(result.added),
+                    "changed": list(result.changed),
+                    "removed": list(result.removed),
+                },
+                now=now,
+            )
     if result.unchanged:
         click.echo(f"definitions {result.version} already active; nothing changed")
         return
@@ -181,16 +198,27 @@ def approve(
                 now=utcnow(),
                 comment=comment,
             )
+            audit.record(
+                session=session,
+                actor=audit.cli_actor(by),
+                action="template_rejected" if reject else "template_approved",
+                subject=f"template:{t.id}.{t.locale}",
+                details={"version": t.version, "source": "cli"},
+                now=utcnow(),
+            )
             verb = "rejected" if reject else "approved"
             click.echo(f"{verb} {t.file} version {t.version} by {by}")
 
 
 def _register() -> None:
     from engine import (
+        cli_audit,
         cli_consent,
         cli_decide,
         cli_demo,
+        cli_keys,
         cli_ops,
+        cli_rights,
         cli_sandbox,
         cli_serve,
         cli_users,
@@ -206,6 +234,9 @@ def _register() -> None:
         cli_serve,
         cli_users,
         cli_demo,
+        cli_audit,
+        cli_rights,
+        cli_keys,
     ):
         module.register(main)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from engine import audit
 from engine.cli_decide import parse_at
 from engine.core.domain import LEGAL_BASES, ConsentEvent
-from engine.runtime import Runtime, UsageProblem
+from engine.runtime import Runtime, UsageProblem, utcnow
 from engine.store import consent_queries, queries
 
 
@@ -49,11 +50,19 @@ def _record(
                 recorded_by=by,
             )
             try:
-                consent_queries.record_consent_event(
+                row = consent_queries.record_consent_event(
                     session=session, keyring=rt.keyring, event=event, source="cli"
                 )
             except (queries.UnknownPatient, queries.PatientErased) as exc:
                 raise UsageProblem(str(exc)) from exc
+            audit.record(
+                session=session,
+                actor=audit.cli_actor(by),
+                action="consent_recorded",
+                subject=f"patient:{patient}",
+                details={"event": row.id, "purpose": purpose, "status": status, "method": method},
+                now=utcnow(),
+            )
         states = consent_queries.current_consents_for(
             session=session,
             keyring=rt.keyring,

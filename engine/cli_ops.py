@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from engine import audit
 from engine.cli_decide import campaign_or_exit, parse_at
 from engine.core.policy import format_duration
 from engine.defmodels import parse_duration
@@ -48,6 +49,7 @@ def plan_command(rt: Runtime, at_text: str | None, horizon_text: str | None, as_
         now=now,
         horizon=horizon,
         public_url=rt.settings.public_url,
+        actor=audit.cli_actor(),
     )
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
@@ -178,8 +180,17 @@ def campaign_group() -> None:
 def _set_paused(rt: Runtime, campaign_id: str, paused: bool, by: str) -> None:
     with rt.session_factory.begin() as session:
         campaign_or_exit(rt.definitions(session), campaign_id)
+        now = utcnow()
         changed = outbox_queries.set_paused(
-            session=session, campaign_id=campaign_id, paused=paused, by=by, now=utcnow()
+            session=session, campaign_id=campaign_id, paused=paused, by=by, now=now
+        )
+        audit.record(
+            session=session,
+            actor=audit.cli_actor(by),
+            action="campaign_paused" if paused else "campaign_resumed",
+            subject=f"campaign:{campaign_id}",
+            details={"changed": changed},
+            now=now,
         )
     verb = "paused" if paused else "resumed"
     click.echo(f"{campaign_id} {verb} by {by}" if changed else f"{campaign_id} was already {verb}")

@@ -11,6 +11,13 @@ instead of silently showing the wrong patient's data.
 
 Phone numbers are looked up by a keyed HMAC (blind index) with a separate index key, so
 the database never holds a number in clear and cannot be searched without the key.
+
+Rotation (engine.keys): several master keys may be loaded; the current one wraps, any
+loaded one unwraps (`patient_keys.master_key_id` names it). The index key is a chain,
+oldest first: version n is HMAC(key n, index of version n-1), so `engage keys
+rotate-index` upgrades every stored index (suppressions of erased patients included, whose
+number is gone) without knowing the number, and a stolen older key alone no longer
+searches the database once its values are upgraded.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ if TYPE_CHECKING:
 KEY_BYTES = 32
 NONCE_BYTES = 12
 FIELD_FORMAT = b"\x01"
-INDEX_VERSION = "v1"
+INDEX_VERSION = "v1"  # the version of a one-key index chain
 DEK_AAD_PREFIX = b"engage-dek:"
 
 
@@ -101,6 +108,12 @@ def ensure_key_files(settings: Settings) -> list[Path]:
 
 def read_key_file(path: Path) -> bytes:
     """The key in `path`; refused when group or others may read or write the file."""
+    check_private(path)
+    return decode_key(path.read_text(encoding="ascii"), source=str(path))
+
+
+def check_private(path: Path) -> None:
+    """KeyConfigError unless `path` exists and only its owner may read or write it."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError as exc:
@@ -110,22 +123,60 @@ def read_key_file(path: Path) -> bytes:
             f"{path}: key file mode is {mode:04o}; it must not be accessible to group or "
             f"others (chmod 600 {path})"
         )
-    return decode_key(path.read_text(encoding="ascii"), source=str(path))
+
+
+def read_key_chain(path: Path) -> tuple[bytes, ...]:
+    """The index keys in `path`, one base64 key per line, oldest first (0600, like any key)."""
+    check_private(path)
+    return decode_key_chain(path.read_text(encoding="ascii"), source=str(path))
+
+
+def decode_key_chain(text: str, *, source: str) -> tuple[bytes, ...]:
+    """Keys separated by newlines or commas, oldest first; at least one."""
+    parts = [part for part in text.replace(",", "\n").split() if part]
+    if not parts:
+        raise KeyConfigError(f"{source}: no key")
+    return tuple(decode_key(part, source=f"{source} (key {i})") for i, part in enumerate(parts, 1))
+
+
+def write_key_chain(path: Path, keys: tuple[bytes, ...]) -> None:
+    """Replace `path` atomically with this chain, mode 0600 (the old chain is its prefix)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write("".join(encode_key(k) + "\n" for k in keys))
+    os.replace(tmp, path)
 
 
 def load_keys(settings: Settings) -> Keyring:
-    """The keyring from environment values when set, else from the key files."""
+    """The keyring from environment values when set, else from the key files, with the
+    previous master keys that still unwrap data keys wrapped before a rotation."""
     master = (
         decode_key(settings.master_key, source="ENGAGE_MASTER_KEY")
         if settings.master_key
         else read_key_file(settings.master_key_file)
     )
-    index = (
-        decode_key(settings.index_key, source="ENGAGE_INDEX_KEY")
+    chain = (
+        decode_key_chain(settings.index_key, source="ENGAGE_INDEX_KEY")
         if settings.index_key
-        else read_key_file(settings.index_key_file)
+        else read_key_chain(settings.index_key_file)
     )
-    return Keyring(master_key=master, index_key=index)
+    previous: dict[str, bytes] = {}
+    if settings.previous_master_keys:
+        for key in decode_key_chain(
+            settings.previous_master_keys, source="ENGAGE_PREVIOUS_MASTER_KEYS"
+        ):
+            previous[key_id(key)] = key
+    for path in settings.previous_master_key_files:
+        key = read_key_file(path)
+        previous[key_id(key)] = key
+    previous.pop(key_id(master), None)
+    return Keyring(
+        master_key=master,
+        index_key=chain[-1],
+        previous_master_keys=previous,
+        previous_index_keys=chain[:-1],
+    )
 
 
 def load_secret_key(settings: Settings) -> bytes:
@@ -193,16 +244,45 @@ class Keyring:
     """The master key (wraps data keys) and the index key (blind index HMAC).
 
     `previous_master_keys` (by key id) still unwrap data keys wrapped before a rotation.
+    `previous_index_keys` are the older links of the index chain, oldest first; the
+    current `index_key` is the last link, so its version is their number plus one.
     """
 
     master_key: bytes
     index_key: bytes
     previous_master_keys: Mapping[str, bytes] = field(default_factory=dict)
+    previous_index_keys: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
-        for name, key in (("master", self.master_key), ("index", self.index_key)):
+        named = [("master", self.master_key), ("index", self.index_key)]
+        named += [("previous master", k) for k in self.previous_master_keys.values()]
+        named += [("previous index", k) for k in self.previous_index_keys]
+        for name, key in named:
             if len(key) != KEY_BYTES:
                 raise KeyConfigError(f"{name} key is {len(key)} bytes, expected {KEY_BYTES}")
+
+    @property
+    def index_chain(self) -> tuple[bytes, ...]:
+        return (*self.previous_index_keys, self.index_key)
+
+    @property
+    def index_version(self) -> int:
+        return len(self.previous_index_keys) + 1
+
+    @property
+    def master_key_ids(self) -> frozenset[str]:
+        """Every master key that can unwrap: the current one and the previous ones."""
+        return frozenset({self.master_key_id, *self.previous_master_keys})
+
+    def with_master_key(self, new: bytes) -> Keyring:
+        """This keyring wrapping with `new`; every key loaded now still unwraps."""
+        previous = {**self.previous_master_keys, self.master_key_id: self.master_key}
+        previous.pop(key_id(new), None)
+        return Keyring(new, self.index_key, previous, self.previous_index_keys)
+
+    def with_index_key(self, new: bytes) -> Keyring:
+        """This keyring with `new` as the next link of the index chain (version + 1)."""
+        return Keyring(self.master_key, new, self.previous_master_keys, (*self.index_chain,))
 
     def __repr__(self) -> str:
         return f"Keyring(master_key_id={self.master_key_id!r})"
@@ -239,9 +319,25 @@ class Keyring:
         return PatientCipher(dek, patient_id=patient_id)
 
     def phone_index(self, e164: str) -> str:
-        """Blind index of an E.164 number, tagged with the index key version."""
-        digest = hmac.new(self.index_key, e164.encode(), hashlib.sha256).hexdigest()
-        return f"{INDEX_VERSION}:{digest}"
+        """Blind index of an E.164 number, tagged with the index key version (`v1:`...)."""
+        digest = hmac.new(self.index_chain[0], e164.encode(), hashlib.sha256).hexdigest()
+        return self.upgrade_index(f"{INDEX_VERSION}:{digest}")
+
+    def upgrade_index(self, value: str) -> str:
+        """A stored index of an older version brought to the current one, without the number.
+
+        KeyConfigError when it claims a version newer than this keyring knows.
+        """
+        version = index_version(value)
+        if version > self.index_version:
+            raise KeyConfigError(
+                f"a v{version} phone index needs {version} index keys; {self.index_version} "
+                "are loaded (is the index key file the whole chain?)"
+            )
+        for n in range(version + 1, self.index_version + 1):
+            digest = hmac.new(self.index_chain[n - 1], value.encode(), hashlib.sha256)
+            value = f"v{n}:{digest.hexdigest()}"
+        return value
 
     def _master_for(self, master_key_id: str | None) -> bytes:
         if master_key_id is None or master_key_id == self.master_key_id:
@@ -250,6 +346,14 @@ class Keyring:
             return self.previous_master_keys[master_key_id]
         except KeyError as exc:
             raise DecryptionError(f"master key {master_key_id} is not loaded") from exc
+
+
+def index_version(value: str) -> int:
+    """The version number of a stored phone index (`v2:ab12...` -> 2)."""
+    prefix, sep, _ = value.partition(":")
+    if not sep or not prefix.startswith("v") or not prefix[1:].isdigit():
+        raise ValueError(f"not a versioned phone index: {value[:8]!r}")
+    return int(prefix[1:])
 
 
 def new_token(nbytes: int = 16) -> tuple[str, str]:

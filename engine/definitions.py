@@ -18,12 +18,14 @@ from engine.defmodels import (
     PolicyFile,
     ProgramFile,
     PurposesFile,
+    RetentionFile,
     RuleModel,
     VariableModel,
 )
 from engine.defsource import Collector, SourceFile, content_hash, read_tree
 from engine.yamlsource import SourceError, SourceErrors
 
+RETENTION_FILE = "policies/retention.yaml"
 SPECIAL_POLICY_FILES = {"purposes.yaml", "data.yaml", "program.yaml", "retention.yaml"}
 
 
@@ -75,6 +77,8 @@ class DefinitionSet:
     campaigns: Mapping[str, domain.Campaign]
     audiences: Mapping[str, cel_context.CompiledExpression | None]
     files: tuple[SourceFile, ...] = field(default=())
+    # policies/retention.yaml; None for a set without one (nothing is purged then).
+    retention: RetentionFile | None = None
 
     @property
     def policy_version(self) -> str:
@@ -110,6 +114,9 @@ def load_sources(sources: dict[str, str], *, root: str = "") -> DefinitionSet:
     purposes_file, _ = c.yaml_model("policies/purposes.yaml", PurposesFile, "purposes")
     data_file, _ = c.yaml_model("policies/data.yaml", DataFile, "data")
     program_file, _ = c.yaml_model("policies/program.yaml", ProgramFile, "program")
+    retention = None
+    if RETENTION_FILE in sources:  # optional: sets stored before it existed still load
+        retention, _ = c.yaml_model(RETENTION_FILE, RetentionFile, "retention")
     if c.errors or purposes_file is None or data_file is None or program_file is None:
         raise SourceErrors(c.errors)
     purposes = list(purposes_file.purposes)
@@ -145,6 +152,7 @@ def load_sources(sources: dict[str, str], *, root: str = "") -> DefinitionSet:
         campaigns=campaigns,
         audiences=audiences,
         files=files,
+        retention=retention,
     )
 
 

@@ -248,3 +248,48 @@ class CampaignFile(Strict):
         if self.expires_after <= timedelta(0):
             raise ValueError("expires_after must be positive")
         return self
+
+
+# --- policies/retention.yaml -----------------------------------------------------------------
+
+_PERIOD = re.compile(r"^(\d+)\s*(d|w|y)$")
+# A year counts 366 days, so a period in years never ends before the law's.
+_PERIOD_DAYS = {"d": 1, "w": 7, "y": 366}
+HIPAA_DOCUMENTATION = timedelta(days=6 * 366)  # 45 CFR 164.316(b)(2)(i): six years
+
+
+def parse_period(value: Any) -> timedelta:
+    """`90d`, `52w`, `6y` -> timedelta (a year is 366 days)."""
+    if isinstance(value, timedelta):
+        return value
+    match = _PERIOD.match(str(value).strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{value!r} is not a retention period like 90d, 52w or 6y")
+    return timedelta(days=int(match.group(1)) * _PERIOD_DAYS[match.group(2)])
+
+
+Period = Annotated[timedelta, BeforeValidator(parse_period)]
+
+
+class RetentionItem(Strict):
+    keep: Period
+    cite: str = Field(min_length=1, description="the law or rule that sets the period")
+    description: str = ""
+
+
+class RetentionFile(Strict):
+    """How long each kind of record is kept before `engage retention run` purges it."""
+
+    message_bodies: RetentionItem
+    inbound_free_text: RetentionItem
+    inbound_keyword_text: RetentionItem
+    scheduling_links: RetentionItem
+    decisions: RetentionItem
+    consent_evidence: RetentionItem
+
+    @field_validator("decisions", "consent_evidence")
+    @classmethod
+    def _hipaa_minimum(cls, value: RetentionItem) -> RetentionItem:
+        if value.keep < HIPAA_DOCUMENTATION:
+            raise ValueError("must be kept at least 6y (HIPAA 45 CFR 164.316(b)(2)(i))")
+        return value

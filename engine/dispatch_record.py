@@ -24,6 +24,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from engine import audit
 from engine import outbox_status as status
 from engine.core.domain import ConsentEvent
 from engine.crypto import Keyring
@@ -129,7 +130,7 @@ def sids_taken(*, session: Session, sids: Sequence[str], but: int) -> set[str]:
 
 
 def revoke_for_carrier_opt_out(
-    *, session: Session, patient_id: int, code: int, ctx: RecordContext
+    *, session: Session, patient_id: int, code: int, ctx: RecordContext, actor: str | None = None
 ) -> None:
     """The carrier says the number opted out (Twilio 21610: it replied STOP to this sender).
 
@@ -156,11 +157,20 @@ def revoke_for_carrier_opt_out(
         for purpose in ctx.defs.purposes
     ]
     try:
-        consent_queries.record_consent_events(
+        rows = consent_queries.record_consent_events(
             session=session, keyring=ctx.keyring, items=events, source="dispatcher"
         )
     except PatientErased:
         log.info("dispatch.opt_out_erased", extra={"fields": {"patient_id": patient_id}})
+        rows = []
+    audit.record(
+        session=session,
+        actor=actor or f"worker:{ctx.worker_id}",
+        action="consent_opt_out",
+        subject=f"patient:{patient.external_id}",
+        details={"method": OPT_OUT_METHOD, "code": code, "events": len(rows)},
+        now=ctx.now,
+    )
     if patient.phone_index:
         consent_queries.suppress_phone_index(
             session=session, phone_index=patient.phone_index, reason=OPT_OUT_METHOD

@@ -48,6 +48,7 @@ from datetime import datetime
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine import audit
 from engine import outbox_status as status
 from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
@@ -148,10 +149,28 @@ def dispatch_batch(
             ctx=ctx,
             report=report,
         )
+    if report.examined:
+        _audit_batch(session_factory, report, worker_id=worker_id, now=now)
     report.seconds = time.perf_counter() - started
     if report.examined:
         log.info("dispatch.batch", extra={"fields": {"worker": worker_id, **report.fields()}})
     return report
+
+
+def _audit_batch(
+    session_factory: sessionmaker[Session], report: DispatchReport, *, worker_id: str, now: datetime
+) -> None:
+    """One audit entry per batch with its counts by final status, not one per message: the
+    chain's head row would otherwise serialize the senders."""
+    counts = {k: v for k, v in report.fields().items() if k not in ("batches", "seconds")}
+    with session_factory.begin() as session:
+        audit.record(
+            session=session,
+            actor=f"worker:{worker_id}",
+            action="dispatch_batch",
+            now=now,
+            details={k: int(v) for k, v in counts.items()},
+        )
 
 
 def dispatch_until_idle(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import csv
 import sys
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from rich.progress import Progress
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine import fhir_import
+from engine import audit, fhir_import
 from engine.crypto import Keyring
 from engine.import_rows import (
     WRITERS,
@@ -145,15 +147,18 @@ def import_files(
     declared_attributes: Collection[str] = frozenset(),
     actor: str = "import",
     batch_size: int = 500,
+    now: datetime | None = None,
 ) -> ImportReport:
     """Import every file, patients first, so other files may refer to them.
 
     `purposes`: the known consent purposes (None accepts any); `declared_attributes`:
     extra patient columns to keep as attributes (others are reported as warnings).
+    New consent events leave one audit entry for the whole import, with counts by file.
     """
     context = Context(keyring, purposes, frozenset(declared_attributes), actor)
     sources = sorted((_source(Path(p)) for p in paths), key=lambda s: ORDER.index(s.kind))
     report = ImportReport()
+    consents: dict[str, dict[str, int]] = {}
     for source in sources:
         file_report = FileReport(file=str(source.path), kind=source.kind)
         report.files.append(file_report)
@@ -165,7 +170,18 @@ def import_files(
             context = replace(context, source=f"import:{source.path.name}")
             run = _FileImport(source, session, context, file_report, rejections)
             run.run(show_progress=progress, batch_size=batch_size)
+        if run.consents:
+            consents[source.path.name] = dict(sorted(run.consents.items()))
         report.rejections += sorted(rejections, key=lambda r: _position(r.row))
+    if any(c.get("imported") or c.get("updated") for c in consents.values()):
+        with session_factory.begin() as session:
+            audit.record(
+                session=session,
+                actor=actor if ":" in actor else f"cli:{actor}",
+                action="consents_imported",
+                details={"files": consents},
+                now=now or datetime.now(UTC),
+            )
     return report
 
 
@@ -271,6 +287,7 @@ class _FileImport:
         self.kind = ""
         self.batch_size = 500
         self.seen: dict[tuple[str, Any], Label] = {}
+        self.consents: Counter[str] = Counter()  # consent rows by outcome, for the audit
 
     def run(self, *, show_progress: bool, batch_size: int) -> None:
         source, self.batch_size = self.source, batch_size
@@ -312,6 +329,8 @@ class _FileImport:
 
     def reject(self, label: Label, reason: str) -> None:
         self.report.rejected += 1
+        if self.kind == "consents":
+            self.consents["rejected"] += 1
         self.rejections.append(Rejection(self.report.file, label, reason))
 
     def flush(self) -> None:
@@ -325,6 +344,8 @@ class _FileImport:
                 self.reject(label, outcome.reason)
             else:
                 setattr(self.report, outcome, getattr(self.report, outcome) + 1)
+                if self.kind == "consents":
+                    self.consents[outcome] += 1
         self.session.commit()
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from engine import audit
 from engine import outbox_status as status
 from engine.core import sms
 from engine.core.domain import ConsentEvent
@@ -160,8 +161,10 @@ def _opt_out(
         session=session, phone_index=sender.phone_index, reason=KEYWORD_METHOD
     )
     every = dict.fromkeys(defs.purposes)
-    _record(session, keyring, every, message, sender, "revoked", now)
-    _cancel_pending(session, [p.id for p in sender.patients], message.message_sid, now)
+    events = _record(session, keyring, every, message, sender, "revoked", now)
+    cancelled = _cancel_pending(session, [p.id for p in sender.patients], message.message_sid, now)
+    counts = {"events": len(events), "suppressed": bool(newly), "cancelled": cancelled}
+    _audit(session, "consent_opt_out", message, sender, now, **counts)
     return "stop" if newly else None
 
 
@@ -190,7 +193,29 @@ def _opt_in(
         bases = regrantable(events, defs.purposes)
         one = _Sender(sender.phone_index, [patient], sender.ciphers)
         regranted += len(_record(session, keyring, bases, message, one, "granted", now))
+    _audit(session, "consent_opt_in", message, sender, now, events=regranted, lifted=lifted)
     return "start" if lifted or regranted else None
+
+
+def _audit(
+    session: Session,
+    action: str,
+    message: InboundSms,
+    sender: _Sender,
+    now: datetime,
+    **counts: int | bool,
+) -> None:
+    """One entry per handled opt-out or opt-in keyword: patients by external id, never the
+    number or the text."""
+    patients = [p.external_id for p in sender.patients]
+    audit.record(
+        session=session,
+        actor="twilio",
+        action=action,
+        subject=f"patient:{patients[0]}" if patients else "unknown-number",
+        details={"message": message.message_sid, "patients": patients, **counts},
+        now=now,
+    )
 
 
 def _record(
@@ -332,7 +357,11 @@ def handle_status(
     if fresh_error and report.error_code == CARRIER_OPT_OUT_CODE:
         ctx = RecordContext(worker_id="status-callback", now=now, defs=defs, keyring=keyring)
         revoke_for_carrier_opt_out(
-            session=session, patient_id=row.patient_id, code=CARRIER_OPT_OUT_CODE, ctx=ctx
+            session=session,
+            patient_id=row.patient_id,
+            code=CARRIER_OPT_OUT_CODE,
+            ctx=ctx,
+            actor="twilio",
         )
         row.error_code = report.error_code
     session.flush()

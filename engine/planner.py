@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine import audit
 from engine.core import schedule
 from engine.core.domain import Campaign, ConsentState, History, SentMessage
 from engine.crypto import Keyring, PatientCipher
@@ -123,9 +124,11 @@ def plan(
     horizon: timedelta = DEFAULT_HORIZON,
     public_url: str,
     batch_size: int = 1000,
+    actor: str = "planner",
 ) -> PlanReport:
     """Expire overdue rows, then plan every active campaign's occurrences due by
-    now + horizon and alive at now that have no outbox row yet."""
+    now + horizon and alive at now that have no outbox row yet. A tick that inserted or
+    expired rows leaves one audit entry summing up its decisions (`actor` did it)."""
     started = time.perf_counter()
     report = PlanReport(now=now, horizon=horizon)
     with session_factory.begin() as session:
@@ -149,7 +152,28 @@ def plan(
                 report.patients_seen += len(batch)
                 _plan_batch(tick, batch)
     report.duration = time.perf_counter() - started
+    if report.inserted or report.expired:
+        with session_factory.begin() as session:
+            audit.record(
+                session=session, actor=actor, action="plan_tick", now=now, details=_summary(report)
+            )
     return report
+
+
+def _summary(report: PlanReport) -> dict[str, Any]:
+    """Counts only (no patient): rows inserted by campaign and status, rows expired."""
+    return {
+        "inserted": report.inserted,
+        "expired": report.expired,
+        "already_present": report.already_present,
+        "patients": report.patients_seen,
+        "horizon_seconds": int(report.horizon.total_seconds()),
+        "campaigns": {
+            cid: {"inserted": c.inserted, "by_status": dict(sorted(c.statuses.items()))}
+            for cid, c in sorted(report.campaigns.items())
+            if c.inserted
+        },
+    }
 
 
 def _active_campaigns(

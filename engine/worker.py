@@ -3,7 +3,8 @@
 Ticks (BackgroundScheduler, in-memory job store, UTC, coalesced, one instance each):
 the planner every `plan_interval`, the dispatcher every `dispatch_interval` (each tick
 drains the due rows), reconciliation of stale `sending` rows every `reconcile_interval`
-and once at start. Several workers may run against one PostgreSQL database.
+and once at start, the retention purge every `retention_interval` (a day). Several
+workers may run against one PostgreSQL database.
 
 SIGTERM / SIGINT: stop claiming, let in-flight sends finish and record them, put rows
 claimed but not yet sent back to queued, exit 0.
@@ -141,6 +142,7 @@ class WorkerConfig:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     plan_horizon: timedelta = timedelta(minutes=5)
     misfire_grace_seconds: int = 30
+    retention_interval: float | None = 24 * 3600.0  # None: this process does not purge
 
 
 class Worker:
@@ -235,10 +237,22 @@ class Worker:
             now=self.clock(),
             horizon=self.config.plan_horizon,
             public_url=self.settings.public_url,
+            actor=f"worker:{self.config.worker_id}",
         )
         counts = {"inserted": report.inserted, "expired": report.expired}
         seconds = round(report.duration, 3)
         log.info("plan.tick", extra={"fields": self.fields(**counts, seconds=seconds)})
+
+    def retention_tick(self) -> None:
+        """Purge what policies/retention.yaml says is due (engine.retention), audited."""
+        from engine.retention import purge_due
+
+        defs = self.definitions()
+        if defs is None or self.stop.is_set():
+            return
+        with self.session_factory.begin() as session:
+            counts = purge_due(session=session, defs=defs, now=self.clock(), actor="system:worker")
+        log.info("retention.tick", extra={"fields": self.fields(**counts.fields())})
 
     def guarded(self, name: str, tick: Callable[[], object]) -> Callable[[], None]:
         """A tick that logs a database outage and lets the next tick try again."""
@@ -273,6 +287,7 @@ class Worker:
             ("plan", self.plan_tick, c.plan_interval, True),
             ("dispatch", self.dispatch_tick, c.dispatch_interval, True),
             ("reconcile", self.reconcile_tick, c.reconcile_interval, False),  # ran at start
+            ("retention", self.retention_tick, c.retention_interval, False),
         ]
         for name, tick, seconds, at_once in jobs:
             if seconds:

@@ -400,3 +400,21 @@ class TemplateDraft(Base):
     reviewed_by: Mapped[str | None] = mapped_column(String(128))
     reviewed_at: Mapped[datetime | None]
     comment: Mapped[str | None] = mapped_column(Text)
+
+
+class RightsRequest(Base):
+    """A data subject's access or erasure request (GDPR Art. 15, 17), due one month after
+    receipt (Art. 12(3)). The patient is named by external id so the entry outlives erasure."""
+
+    __tablename__ = "rights_requests"
+    __table_args__ = (Index(None, "status", "due_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # access|erasure
+    patient_external_id: Mapped[str] = mapped_column(String(64), index=True)
+    received_at: Mapped[datetime]
+    due_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))  # open|done|refused
+    completed_at: Mapped[datetime | None]
+    handled_by: Mapped[str | None] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(Text)

@@ -23,6 +23,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     # Patient-level data: decisions per patient, consent history with evidence.
     "patients.view": frozenset({"compliance", "it_admin"}),
     "consents.record": frozenset({"compliance", "it_admin"}),
+    # Data subjects' rights: the access export (GDPR Art. 15) and erasure (Art. 17, IT only).
+    "patients.export": frozenset({"compliance", "it_admin"}),
+    "patients.erase": frozenset({"it_admin"}),
     "policies.reload": frozenset({"it_admin"}),
     "users.manage": frozenset({"it_admin"}),
     "tokens.manage": frozenset({"it_admin"}),

@@ -261,8 +261,10 @@ def test_sigkill_mid_send_never_texts_twice(
     unknown), the sandbox got each text at most once, and reconciliation did the rest."""
     total = 300
     seed(session_factory, keyring, now, total)
+    # Reconciliation assumes a claim older than --stale-after belongs to a dead worker: it
+    # must exceed any live send (a loaded 2-core machine took over 2 s for one).
     args = ("--dispatch-interval", "0.1", "--batch-size", "10", "--concurrency", "4",
-            "--stale-after", "2", "--reconcile-interval", "1")  # fmt: skip
+            "--stale-after", "8", "--reconcile-interval", "1")  # fmt: skip
     for n in range(3):
         workers.start(f"w{n}", *args)
     for n, threshold in enumerate((40, 110, 180)):
