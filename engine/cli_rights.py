@@ -156,6 +156,28 @@ def add(
         click.echo(f"request #{row.id}: {kind} for {external_id}, due {row.due_at.date()}")
 
 
+@requests.command("refuse")
+@click.argument("request_id", type=int)
+@click.option("--by", "by", required=True, help="Who refuses it.")
+@click.option("--reason", required=True, help="Why (kept with the request; no health details).")
+@click.pass_obj
+def refuse(rt: Runtime, request_id: int, by: str, reason: str) -> None:
+    """Close an open request without acting on it, with the reason."""
+    rt.require_schema()
+    with rt.session_factory.begin() as session:
+        try:
+            row = rights.refuse_request(
+                session=session,
+                request_id=request_id,
+                reason=reason,
+                actor=f"cli:{by}",
+                now=utcnow(),
+            )
+        except rights.RequestProblem as exc:
+            raise UsageProblem(str(exc)) from exc
+        click.echo(f"request #{row.id} refused")
+
+
 def register(group: click.Group) -> None:
     for command in (erase, export_patient, requests):
         group.add_command(command)

@@ -129,6 +129,32 @@ def list_requests(*, session: Session, status_: str | None = None) -> list[m.Rig
     )
 
 
+def refuse_request(
+    *, session: Session, request_id: int, reason: str, actor: str, now: datetime
+) -> m.RightsRequest:
+    """Close an open request without acting on it (e.g. the requester's identity could not
+    be verified, GDPR Art. 12(6)); the reason is kept and the refusal audited."""
+    row = session.get(m.RightsRequest, request_id, with_for_update=True)
+    if row is None:
+        raise RequestProblem(f"no request #{request_id}")
+    if row.status != "open":
+        raise RequestProblem(f"request #{request_id} is already {row.status}")
+    if not reason.strip():
+        raise RequestProblem("say why the request is refused (the requester must be told)")
+    row.status, row.completed_at, row.handled_by = "refused", now, actor
+    row.note = f"{row.note + '; ' if row.note else ''}refused: {reason.strip()}"
+    session.flush()
+    audit.record(
+        session=session,
+        actor=actor,
+        action="rights_request_refused",
+        subject=f"patient:{row.patient_external_id}",
+        details={"request": row.id, "kind": row.kind},
+        now=now,
+    )
+    return row
+
+
 def _close_request(
     session: Session, *, kind: str, external_id: str, actor: str, now: datetime
 ) -> m.RightsRequest:

@@ -319,6 +319,25 @@ def test_requests_are_due_a_month_after_receipt_and_closed_by_the_answer(world: 
         in world.engage("requests", "add", "access", "NOPE", "--by", "dpo", code=2).output
     )
     assert len(world.audit("rights_request_added")) == 2
+    erasure = items[0]["id"]
+    assert (
+        "say why"
+        in world.engage(
+            "requests", "refuse", str(erasure), "--by", "dpo", "--reason", " ", code=2
+        ).output
+    )
+    world.engage(
+        "requests", "refuse", str(erasure), "--by", "dpo", "--reason", "identity not verified"
+    )
+    refused = json.loads(world.engage("requests", "list", "--json").output)
+    assert [i["status"] for i in refused if i["id"] == erasure] == ["refused"]
+    assert (
+        "already refused"
+        in world.engage(
+            "requests", "refuse", str(erasure), "--by", "dpo", "--reason", "again", code=2
+        ).output
+    )
+    assert len(world.audit("rights_request_refused")) == 1
 
 
 # --- API and admin -------------------------------------------------------------------------
