@@ -31,8 +31,8 @@ def utcnow() -> datetime:
 @dataclass
 class Runtime:
     settings: Settings
-    _defs: DefinitionSet | None = field(default=None, init=False)
-    _defs_version: str | None = field(default=None, init=False)
+    # (version, set), swapped as one object: readers never see a set with another version.
+    _loaded: tuple[str, DefinitionSet] | None = field(default=None, init=False)
     _defs_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @cached_property
@@ -69,13 +69,20 @@ class Runtime:
     def definitions(self, session: Session) -> DefinitionSet:
         """The active set stored by the last `engage sync`, reloaded (in a long-running
         server too) as soon as another set becomes active."""
-        with self._defs_lock:
-            if self._defs is None:
-                self.require_schema()
-            version = active_version(session=session)
-            if version != self._defs_version or self._defs is None:
-                self._defs = active_definitions(session=session) if version else None
-                self._defs_version = version
-            if self._defs is None:
-                raise UsageProblem("no definitions are active: run `engage sync`")
-            return self._defs
+        loaded = self._loaded
+        if loaded is None:
+            self.require_schema()
+        version = active_version(session=session)  # one indexed row, no lock held
+        if version is None:
+            raise UsageProblem("no definitions are active: run `engage sync`")
+        if loaded is not None and loaded[0] == version:
+            return loaded[1]
+        with self._defs_lock:  # only to load: one thread compiles, the others reuse it
+            loaded = self._loaded
+            if loaded is None or loaded[0] != version:
+                defs = active_definitions(session=session)
+                if defs is None:
+                    raise UsageProblem("no definitions are active: run `engage sync`")
+                loaded = (version, defs)
+                self._loaded = loaded
+            return loaded[1]
