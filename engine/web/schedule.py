@@ -34,6 +34,7 @@ from werkzeug.exceptions import TooManyRequests
 
 from engine import booking
 from engine.booking import LinkView, SlotView
+from engine.definitions import Program
 from engine.runtime import UsageProblem
 from engine.store import models as m
 from engine.web import now_of, runtime_of
@@ -86,7 +87,8 @@ def show(token: str) -> Response:
         if link is None:
             return _gone(410)
         slots = booking.open_slots(session=db, link=link, now=now)
-    return _slots_page(link, slots)
+        program = rt.definitions(db).program
+    return _slots_page(link, slots, program)
 
 
 @patient_pages.post("/<token>")
@@ -102,7 +104,7 @@ def book(token: str) -> Response:
             if link is None:
                 return _gone(410)
             slots = booking.open_slots(session=db, link=link, now=now)
-            return _slots_page(link, slots, error="choose", status=400)
+            return _slots_page(link, slots, defs.program, error="choose", status=400)
         result = booking.book(
             session=db,
             keyring=rt.keyring,
@@ -116,7 +118,7 @@ def book(token: str) -> Response:
             return _gone(410)
         if result.outcome != "booked":
             slots = booking.open_slots(session=db, link=result.link, now=now)
-            return _slots_page(result.link, slots, error=result.outcome, status=409)
+            return _slots_page(result.link, slots, defs.program, error=result.outcome, status=409)
     session[BOOKED_KEY] = {
         "slot": slot_id,
         "tz": result.link.timezone,
@@ -169,11 +171,13 @@ def _too_many(_error: TooManyRequests) -> Response:
 
 
 def _slots_page(
-    link: LinkView, slots: list[SlotView], *, error: str | None = None, status: int = 200
+    link: LinkView,
+    slots: list[SlotView],
+    program: Program,
+    *,
+    error: str | None = None,
+    status: int = 200,
 ) -> Response:
-    rt = runtime_of(current_app)
-    with rt.session_factory() as db:
-        program = rt.definitions(db).program
     zone = _zone(link.timezone)
     days = [
         Day(
