@@ -175,7 +175,12 @@ def _link_query(token: str):  # type: ignore[no-untyped-def]
 def _live(link: m.SchedulingLink, patient: m.Patient, now: datetime) -> LinkView | None:
     if link.used_at is not None or link.expires_at <= now or patient.erased_at is not None:
         return None
-    zones = [z for z in (patient.timezone or patient.candidate_timezones or "UTC").split() if z]
+    # The patient's first zone, as the planner uses it (engine.core.domain.Patient.zones).
+    zones = (
+        (patient.timezone,)
+        if patient.timezone
+        else codec.candidate_zones(patient.candidate_timezones)
+    )
     return LinkView(
         link_id=link.id,
         patient_id=patient.id,

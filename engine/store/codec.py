@@ -81,6 +81,11 @@ def seal_patient(row: m.Patient, cipher: PatientCipher, record: PatientRecord) -
     row.allow_phi_sms = p.allow_phi_sms
 
 
+def candidate_zones(stored: str | None) -> tuple[str, ...]:
+    """The zones a number maps to, as stored (comma-separated)."""
+    return tuple(z for z in (stored or "").split(",") if z)
+
+
 def open_patient(row: Any, cipher: PatientCipher, *, with_phone: bool = True) -> PatientRecord:
     """The decrypted patient from an ORM row or a Core row of the patients table; the phone
     stays sealed unless asked for."""
@@ -89,7 +94,7 @@ def open_patient(row: Any, cipher: PatientCipher, *, with_phone: bool = True) ->
     patient = domain.Patient(
         external_id=row.external_id,
         timezone=row.timezone,
-        candidate_timezones=tuple(z for z in row.candidate_timezones.split(",") if z),
+        candidate_timezones=candidate_zones(row.candidate_timezones),
         locale=row.locale,
         country=row.country,
         region=row.region,

@@ -82,6 +82,16 @@ def test_opening_a_link_records_a_click_and_lists_open_slots(booking_db: Booking
     assert stored.clicks == 2 and stored.opened_at == NOW
 
 
+def test_without_a_known_zone_the_page_uses_the_numbers_first_zone(booking_db: Booking) -> None:
+    token = booking_db.token("S001")
+    with booking_db.runtime.session_factory.begin() as session:
+        patient = queries.patient_by_external_id(session=session, external_id="S001")
+        assert patient is not None
+        patient.timezone, patient.candidate_timezones = None, "America/Chicago,America/New_York"
+    link, _ = _open(booking_db, token)
+    assert link is not None and link.timezone == "America/Chicago"
+
+
 def test_unknown_and_malformed_tokens_open_nothing(booking_db: Booking) -> None:
     for token in ("A" * 22, "short", "x" * 300, "../../etc/passwd", ""):
         assert _open(booking_db, token)[0] is None
