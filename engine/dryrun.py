@@ -25,6 +25,7 @@ from engine.core.domain import (
     SentMessage,
 )
 from engine.core.policy import RULE_ERRORS
+from engine.crypto import PatientCipher
 from engine.definitions import DefinitionSet
 from engine.evaluate import Evaluation, evaluate_occurrence
 from engine.variables import PREVIEW_LINK_TOKEN
@@ -41,6 +42,7 @@ class Candidate:
     patient: Patient
     prescriptions: tuple[Prescription, ...] = ()
     appointments: tuple[Appointment, ...] = ()
+    cipher: PatientCipher | None = None
 
 
 @dataclass

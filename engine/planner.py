@@ -27,7 +27,7 @@ from engine.definitions import DefinitionSet
 from engine.dryrun import Candidate, DryRunSummary, anchors_of, in_audience
 from engine.outbox_status import QUEUED
 from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row
-from engine.store import consent_queries, outbox_queries, queries
+from engine.store import consent_queries, outbox_insert, outbox_queries, queries
 from engine.store.defqueries import approved_versions
 
 DEFAULT_HORIZON = timedelta(minutes=5)
@@ -43,6 +43,21 @@ class CampaignPlan:
     already_present: int = 0  # including `raced`
     raced: int = 0  # decided, but another planner inserted the row first
     links: int = 0
+
+    def merge(self, other: CampaignPlan) -> None:
+        """Add another process's share of the same tick."""
+        mine, theirs = self.summary, other.summary
+        mine.outcomes.update(theirs.outcomes)
+        mine.deciding_rules.update(theirs.deciding_rules)
+        mine.patients_seen += theirs.patients_seen
+        mine.in_audience += theirs.in_audience
+        mine.unapproved_templates |= theirs.unapproved_templates
+        mine.audience_errors += theirs.audience_errors
+        self.statuses.update(other.statuses)
+        self.inserted += other.inserted
+        self.already_present += other.already_present
+        self.raced += other.raced
+        self.links += other.links
 
 
 @dataclass
@@ -95,7 +110,7 @@ def _campaign_json(c: CampaignPlan) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class _Tick:
+class Tick:
     rows: RowContext
     session_factory: sessionmaker[Session]
     keyring: Keyring
@@ -125,10 +140,14 @@ def plan(
     public_url: str,
     batch_size: int = 1000,
     actor: str = "planner",
+    processes: int = 1,
 ) -> PlanReport:
     """Expire overdue rows, then plan every active campaign's occurrences due by
     now + horizon and alive at now that have no outbox row yet. A tick that inserted or
-    expired rows leaves one audit entry summing up its decisions (`actor` did it)."""
+    expired rows leaves one audit entry summing up its decisions (`actor` did it).
+
+    With `processes` > 1 and a large enough population, patients are split into that
+    many id ranges planned by as many processes (engine.planner_parallel)."""
     started = time.perf_counter()
     report = PlanReport(now=now, horizon=horizon)
     with session_factory.begin() as session:
@@ -137,7 +156,7 @@ def plan(
         paused = outbox_queries.paused_campaigns(session=session)
         approved = approved_versions(session=session)
     campaigns = _active_campaigns(defs, paused, report)
-    tick = _Tick(
+    tick = Tick(
         rows=RowContext(defs, now, approved, public_url.rstrip("/")),
         session_factory=session_factory,
         keyring=keyring,
@@ -146,11 +165,13 @@ def plan(
         report=report,
     )
     if campaigns:
-        with session_factory() as reader:
-            stream = _candidates(reader, keyring, batch_size)
-            while batch := list(islice(stream, batch_size)):
-                report.patients_seen += len(batch)
-                _plan_batch(tick, batch)
+        from engine import planner_parallel  # imported here: it imports this module
+
+        ranges = planner_parallel.id_ranges(session_factory, processes)
+        if len(ranges) > 1:
+            planner_parallel.plan_ranges(tick, ranges, batch_size)
+        else:
+            plan_patients(tick, batch_size)
     report.duration = time.perf_counter() - started
     if report.inserted or report.expired:
         with session_factory.begin() as session:
@@ -192,12 +213,26 @@ def _active_campaigns(
     return tuple(active)
 
 
-def _candidates(session: Session, keyring: Keyring, batch_size: int) -> Iterator[Candidate]:
-    for data in queries.iter_patients(session=session, keyring=keyring, batch_size=batch_size):
-        yield Candidate(data.id, data.patient, data.prescriptions, data.appointments)
+def plan_patients(tick: Tick, batch_size: int, where: Any = None) -> None:
+    """Plan the patients matching `where` (a criterion on models.Patient; None: all)."""
+    with tick.session_factory() as reader:
+        stream = _candidates(reader, tick.keyring, batch_size, where)
+        while batch := list(islice(stream, batch_size)):
+            tick.report.patients_seen += len(batch)
+            _plan_batch(tick, batch)
 
 
-def _plan_batch(tick: _Tick, batch: list[Candidate]) -> None:
+def _candidates(
+    session: Session, keyring: Keyring, batch_size: int, where: Any
+) -> Iterator[Candidate]:
+    patients = queries.iter_patients(
+        session=session, keyring=keyring, batch_size=batch_size, where=where
+    )
+    for data in patients:
+        yield Candidate(data.id, data.patient, data.prescriptions, data.appointments, data.cipher)
+
+
+def _plan_batch(tick: Tick, batch: list[Candidate]) -> None:
     pending = list(_due(tick, batch))
     if not pending:
         return
@@ -211,16 +246,17 @@ def _plan_batch(tick: _Tick, batch: list[Candidate]) -> None:
                 tick.report.campaigns[p.campaign.id].already_present += 1
         if not fresh:
             return
-        facts = _read_facts(tick, session, sorted({p.patient_row for p in fresh}))
+        streamed = {c.row_id: c.cipher for c in batch if c.cipher is not None}
+        facts = _read_facts(tick, session, sorted({p.patient_row for p in fresh}), streamed)
     rows = _decide(tick, fresh, facts)
     with tick.session_factory.begin() as session:
-        ids = outbox_queries.insert_outbox_rows(session=session, rows=[r.values for r in rows])
+        ids = outbox_insert.insert_outbox_rows(session=session, rows=[r.values for r in rows])
         links = [{**r.link, "outbox_id": ids[r.key]} for r in rows if r.link and r.key in ids]
         outbox_queries.insert_scheduling_links(session=session, links=links)
     _tally(tick.report, rows, ids)
 
 
-def _due(tick: _Tick, batch: list[Candidate]) -> Iterator[Pending]:
+def _due(tick: Tick, batch: list[Candidate]) -> Iterator[Pending]:
     """Occurrences due by the horizon and alive now, of every active campaign, in the
     dry-run's order: by campaign, anchor record, then due time."""
     now = tick.rows.now
@@ -243,7 +279,11 @@ def _due(tick: _Tick, batch: list[Candidate]) -> Iterator[Pending]:
             summary.in_audience += seen
 
 
-def _read_facts(tick: _Tick, session: Session, ids: list[int]) -> _Facts:
+def _read_facts(
+    tick: Tick, session: Session, ids: list[int], streamed: Mapping[int, PatientCipher]
+) -> _Facts:
+    """The batch's consents, histories and suppressions; the ciphers the stream unwrapped,
+    of the patients whose key still exists (one erased since has none)."""
     now = tick.rows.now
     purposes = list(tick.rows.defs.purposes)
     return _Facts(
@@ -253,11 +293,15 @@ def _read_facts(tick: _Tick, session: Session, ids: list[int]) -> _Facts:
         sent=outbox_queries.histories_for(session=session, patient_ids=ids, now=now),
         queued=outbox_queries.queued_for(session=session, patient_ids=ids, now=now),
         suppressed=consent_queries.suppressed_patients(session=session, patient_ids=ids),
-        ciphers=queries.ciphers_for(session=session, keyring=tick.keyring, patient_ids=ids),
+        ciphers={
+            pid: streamed[pid]
+            for pid in queries.keyed_patients(session=session, patient_ids=ids)
+            if pid in streamed
+        },
     )
 
 
-def _decide(tick: _Tick, fresh: list[Pending], facts: _Facts) -> list[PlannedRow]:
+def _decide(tick: Tick, fresh: list[Pending], facts: _Facts) -> list[PlannedRow]:
     """Decide each patient's occurrences earliest first (ties in campaign id order); a row
     queued counts as sent for the next ones (frequency caps), as in the dry-run."""
     by_patient: dict[int, list[Pending]] = defaultdict(list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from engine import outbox_status as st
@@ -79,6 +80,14 @@ def reason_json(r: RuleResult) -> dict[str, Any]:
         "message": r.message,
         "cite": r.cite,
     }
+
+
+@lru_cache(maxsize=4096)
+def reasons_json(reasons: tuple[RuleResult, ...]) -> list[dict[str, Any]]:
+    """A row's reasons as stored; rows with the same reasons share one list (the rules
+    memoize their results), which the outbox insert converts once per batch. Not to be
+    mutated."""
+    return [reason_json(r) for r in reasons]
 
 
 def expired_reason(expires_at: datetime) -> RuleResult:
@@ -187,7 +196,7 @@ def _row_values(
         "expires_at": occurrence.expires_at,
         "segments": rendered.segments if rendered else None,
         "encoding": rendered.encoding if rendered else None,
-        "reasons": [reason_json(r) for r in reasons],
+        "reasons": reasons_json(reasons),
         "policy_set": ctx.defs.policy_version,
         "decided_at": ctx.now,
         "attempts": 0,

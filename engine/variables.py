@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from engine.core.domain import Appointment, Patient, Prescription
+from engine.core.zones import get_zone
 
 _MONTHS = {
     "en": ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"],
@@ -57,7 +57,7 @@ def template_variables(
             refill_due=format_date(anchor.refill_due, language),
         )
     elif isinstance(anchor, Appointment):
-        local = anchor.starts_at.astimezone(ZoneInfo(patient.zones[0]))
+        local = anchor.starts_at.astimezone(get_zone(patient.zones[0]))
         values.update(
             appointment_date=format_date(local.date(), language),
             appointment_time=format_time(local, language),

@@ -19,7 +19,6 @@ from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import cel
 
@@ -32,6 +31,7 @@ from engine.core.domain import (
     Patient,
     Prescription,
 )
+from engine.core.zones import get_zone
 
 Names = Mapping[str, frozenset[str] | None]
 """Top-level name -> the fields it has (None: not a record, no field check)."""
@@ -206,7 +206,7 @@ def history_vars(history: History, now: datetime, purposes: Iterable[str]) -> di
 
 
 def local_vars(now: datetime, zone: str) -> dict[str, Any]:
-    local = now.astimezone(ZoneInfo(zone))
+    local = now.astimezone(get_zone(zone))
     return {
         "hour": local.hour,
         "minute": local.minute,
@@ -229,7 +229,7 @@ def policy_variables(
         if name == "now":
             out[name] = ctx.now
         elif name == "patient":
-            today = ctx.now.astimezone(ZoneInfo(zone)).date()
+            today = ctx.now.astimezone(get_zone(zone)).date()
             out[name] = patient_vars(ctx.patient, today=today)
         elif name == "consent":
             out[name] = consent_vars(ctx.consents, purposes)
@@ -246,7 +246,7 @@ def audience_variables(
     patient: Patient, anchor: Prescription | Appointment | None, now: datetime
 ) -> dict[str, Any]:
     """Variables of a campaign's audience `where`; the anchor that is not this one is null."""
-    today = now.astimezone(ZoneInfo(patient.zones[0])).date()
+    today = now.astimezone(get_zone(patient.zones[0])).date()
     out: dict[str, Any] = {
         "patient": patient_vars(patient, today=today),
         "prescription": None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
 
 import cel
 
@@ -32,6 +31,7 @@ from engine.core.domain import (
     RuleResult,
 )
 from engine.core.quiet_hours import SEARCH_HORIZON, in_window, next_window_start
+from engine.core.zones import get_zone
 
 __all__ = ["CompiledPolicySet", "CompiledRule", "PolicyError", "compile_policy_set", "decide"]
 
@@ -58,6 +58,10 @@ class CompiledRule:
     )
     """Results that depend only on the key (a skip, a consent that holds, a false `when`):
     made once, since building a RuleResult costs about as much as evaluating the rule."""
+    latest: dict[tuple[str, ...], tuple[datetime, RuleResult]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """Quiet hours: the result for a zone set at the latest time it was decided for."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,7 @@ class _Evaluation:
     def clocks(self) -> tuple[list[datetime], str]:
         """The local time in each of the patient's zones, and that as text."""
         if self._clocks is None:
-            local = [self.ctx.now.astimezone(ZoneInfo(z)) for z in self.ctx.patient.zones]
+            local = [self.ctx.now.astimezone(get_zone(z)) for z in self.ctx.patient.zones]
             text = ", ".join(f"{t.hour:02d}:{t.minute:02d} {t.tzinfo}" for t in local)
             self._clocks = (local, text)
         return self._clocks
@@ -342,6 +346,19 @@ def _cap_summary(compiled: CompiledRule, count: int) -> str:
 
 
 def _check_quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+    """Depends on the time and the patient's zones only: decided once per zone set and
+    time (a tick decides most of its population for one time), keeping only the latest
+    time so that a long-running process does not accumulate results."""
+    ctx = evaluation.ctx
+    cached = compiled.latest.get(ctx.patient.zones)
+    if cached is not None and cached[0] == ctx.now:
+        return cached[1]
+    result = _quiet_hours(compiled, evaluation)
+    compiled.latest[ctx.patient.zones] = (ctx.now, result)
+    return result
+
+
+def _quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
     rule, ctx = compiled.rule, evaluation.ctx
     start, end = rule.window_start, rule.window_end
     assert start is not None and end is not None  # compile_policy_set guarantees it

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from engine.core.zones import get_zone
+
 SEARCH_HORIZON = timedelta(days=7)
 
 
@@ -34,7 +36,7 @@ def next_window_start(
     fall-back day) or at a DST transition (a start inside a spring-forward gap is entered
     at the transition, the first valid instant after it). Those candidates are tried in order.
     """
-    infos = [ZoneInfo(z) for z in zones]
+    infos = [get_zone(z) for z in zones]
     limit = now + horizon
     streams: list[Iterable[datetime]] = [
         _window_starts(zone, now, start, horizon.days + 2) for zone in infos

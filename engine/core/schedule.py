@@ -12,22 +12,22 @@ import functools
 import hashlib
 import json
 from datetime import UTC, date, datetime, time, timedelta
-from zoneinfo import ZoneInfo
 
 from engine.core.domain import Appointment, Campaign, Occurrence, Patient, Prescription, Schedule
+from engine.core.zones import get_zone
 
 Anchor = Prescription | Appointment | None
 
 
 def to_utc(local_date: date, at: time, zone: str) -> datetime:
     """The UTC instant of `at` on `local_date` in `zone` (gap: forward by the gap; fold: first)."""
-    local = datetime.combine(local_date, at.replace(tzinfo=None, fold=0), tzinfo=ZoneInfo(zone))
+    local = datetime.combine(local_date, at.replace(tzinfo=None, fold=0), tzinfo=get_zone(zone))
     return local.astimezone(UTC)
 
 
 def local_fields(now: datetime, zone: str) -> dict[str, int | str]:
     """The patient's local clock at `now`: hour, minute, weekday (ISO, 1=Mon..7=Sun), date."""
-    local = _aware(now, "now").astimezone(ZoneInfo(zone))
+    local = _aware(now, "now").astimezone(get_zone(zone))
     return {
         "hour": local.hour,
         "minute": local.minute,
@@ -43,7 +43,7 @@ def next_local_time(after: datetime, zone: str, at: time) -> datetime:
     fall-back day both instants of an ambiguous time count.
     """
     after = _aware(after, "after")
-    tz = ZoneInfo(zone)
+    tz = get_zone(zone)
     start = after.astimezone(tz).date()
     candidates = []
     for day in (start + timedelta(days=n) for n in range(-1, 3)):
@@ -176,7 +176,7 @@ def _anchor_date(field: str | None, anchor: Anchor, zone: str) -> date:
         return anchor.refill_due
     if field == "appointment.starts_at" and isinstance(anchor, Appointment):
         starts_at = _aware(anchor.starts_at, "appointment.starts_at")
-        return starts_at.astimezone(ZoneInfo(zone)).date()
+        return starts_at.astimezone(get_zone(zone)).date()
     raise ValueError(f"schedule refers to {field!r}, which the anchor does not have")
 
 

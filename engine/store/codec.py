@@ -41,6 +41,8 @@ class PatientData:
     patient: domain.Patient
     prescriptions: tuple[domain.Prescription, ...] = ()
     appointments: tuple[domain.Appointment, ...] = ()
+    cipher: PatientCipher | None = None
+    """The unwrapped data key that opened them (to seal what is written for the patient)."""
 
 
 @dataclass(frozen=True)

@@ -104,26 +104,6 @@ def _dialect(session: Session) -> Any:
     return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
 
 
-def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Insert rows, skipping any whose idempotency key exists; the new rows' ids by key.
-
-    INSERT ... ON CONFLICT (idempotency_key) DO NOTHING: concurrent planners never make a
-    second row for an occurrence. Rows go in key order, so two planners inserting the same
-    keys take their locks in the same order and cannot deadlock.
-    """
-    if not rows:
-        return {}
-    table = m.Outbox.__table__
-    stmt = (
-        _dialect(session)
-        .insert(table)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(table.c.idempotency_key, table.c.id)
-    )
-    ordered = sorted(rows, key=lambda r: str(r["idempotency_key"]))
-    return {key: row_id for key, row_id in session.execute(stmt, ordered)}
-
-
 def insert_scheduling_links(*, session: Session, links: Sequence[Mapping[str, Any]]) -> None:
     """Store self-scheduling links (their token hashes, never the tokens)."""
     if links:

@@ -87,6 +87,17 @@ def ciphers_for(
     return ciphers
 
 
+def keyed_patients(*, session: Session, patient_ids: Iterable[int]) -> set[int]:
+    """The patients among `patient_ids` whose data key still exists (not erased): a check
+    that unwraps nothing, for callers holding ciphers from an earlier read."""
+    found: set[int] = set()
+    k = m.PatientKey
+    for criterion, wanted in id_groups(k.patient_id, patient_ids):
+        stmt = select(k.patient_id).where(criterion, k.wrapped_key.is_not(None))
+        found.update(pid for (pid,) in session.execute(stmt) if pid in wanted)
+    return found
+
+
 def cipher_for(*, session: Session, keyring: Keyring, patient: m.Patient) -> PatientCipher:
     """The patient's cipher, e.g. to seal an outbox body; PatientErased after erasure."""
     cipher = ciphers_for(session=session, keyring=keyring, patient_ids=[patient.id]).get(patient.id)
@@ -213,6 +224,7 @@ def _patient_batch(
                 patient=codec.open_patient(row, ciphers[row.id], with_phone=False).patient,
                 prescriptions=tuple(rx[row.id]),
                 appointments=tuple(appts[row.id]),
+                cipher=ciphers[row.id],
             )
 
 

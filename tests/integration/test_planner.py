@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine import outbox_status as st
+from engine import planner_parallel
 from engine.core.domain import Appointment, ConsentEvent, Patient, Prescription
 from engine.crypto import Keyring, token_hash
 from engine.definitions import DefinitionSet, load_definitions
@@ -146,20 +147,22 @@ def write(path: Path, text: str) -> None:
 
 # --- outcomes ------------------------------------------------------------------------------
 
+SAMPLE_STATIN = {
+    "S001": ["queued:allow"],
+    "S002": ["blocked:deny:consent-required"],
+    "S003": ["blocked:deny:gdpr-explicit-consent"],
+    "S004": ["queued:allow"],
+    "S005": ["blocked:deny:consent-required"],
+    "S006": ["queued:allow"],
+    # deferred by the daily cap to the next day, past its 10 h expiry: expired at once
+    "S007": ["queued:allow", "expired:defer:hc-daily-cap"],
+    "S009": ["queued:allow"],
+}
+
 
 def test_sample_outcomes_are_stored_with_reasons(planner: Planner, sample: DefinitionSet) -> None:
     report = planner(sample)
-    assert summary(planner.rows("statin-refill")) == {
-        "S001": ["queued:allow"],
-        "S002": ["blocked:deny:consent-required"],
-        "S003": ["blocked:deny:gdpr-explicit-consent"],
-        "S004": ["queued:allow"],
-        "S005": ["blocked:deny:consent-required"],
-        "S006": ["queued:allow"],
-        # deferred by the daily cap to the next day, past its 10 h expiry: expired at once
-        "S007": ["queued:allow", "expired:defer:hc-daily-cap"],
-        "S009": ["queued:allow"],
-    }
+    assert summary(planner.rows("statin-refill")) == SAMPLE_STATIN
     statin = report.campaigns["statin-refill"]
     assert dict(statin.summary.outcomes) == {"allow": 5, "defer": 1, "deny": 3}
     assert statin.inserted == 9 and statin.already_present == 0
@@ -554,3 +557,34 @@ def test_appointment_reminder_is_relative_to_the_visit(planner: Planner, defs_di
     assert sorted(rows) == ["S001", "S009"]
     assert rows["S001"][0].occurrence == "-2d@2026-12-09T19:30Z"
     assert rows["S001"][0].send_at == datetime(2026, 12, 7, 15, 0, tzinfo=UTC)
+
+
+# --- several processes ---------------------------------------------------------------------
+
+
+def test_a_tick_split_over_processes_plans_what_one_process_plans(
+    planner: Planner, sample: DefinitionSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(planner_parallel, "MIN_PATIENTS_PER_PROCESS", 3)
+    ranges = planner_parallel.id_ranges(planner.session_factory, 3)
+    assert len(ranges) == 3 and ranges[0][0] is None and ranges[-1][1] is None
+    assert ranges[0][1] == ranges[1][0] and ranges[1][1] == ranges[2][0]
+    report = planner(sample, processes=3)
+    assert summary(planner.rows("statin-refill")) == SAMPLE_STATIN
+    statin = report.campaigns["statin-refill"]
+    assert dict(statin.summary.outcomes) == {"allow": 5, "defer": 1, "deny": 3}
+    assert statin.inserted == 9 and report.patients_seen == 10
+    with planner.session_factory() as session:
+        ticks = session.scalars(select(m.AuditEntry).where(m.AuditEntry.action == "plan_tick"))
+        assert [t.details["inserted"] for t in ticks] == [report.inserted]
+    again = planner(sample, processes=3)
+    assert again.inserted == 0 and again.already_present == report.inserted
+
+
+def test_a_small_population_or_a_memory_database_is_planned_in_process(
+    planner: Planner, sample: DefinitionSet
+) -> None:
+    assert planner_parallel.id_ranges(planner.session_factory, 4) == [(None, None)]
+    memory = make_session_factory(make_engine("sqlite://"))
+    assert planner_parallel.database_url(memory) is None
+    assert planner_parallel.id_ranges(memory, 4, min_per_process=1) == [(None, None)]

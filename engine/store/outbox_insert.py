@@ -1,0 +1,132 @@
+"""Bulk insert of planned outbox rows: the planner's hot write path.
+
+SQLAlchemy's executemany spends more time handling each row's 28 parameters than the
+database spends storing them, so here the statement is built once per row count and
+values are converted by the columns' own bind processors (SQLite stores the same text,
+PostgreSQL receives the same types, as through the ORM), then:
+
+- SQLite: multi-row INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING;
+- PostgreSQL: COPY into a temporary staging table dropped at commit, then one
+  INSERT ... SELECT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING.
+
+Either way rows go in idempotency-key order, so two planners inserting the same keys take
+their locks in the same order and cannot deadlock, and a key inserted by another planner
+first is skipped, never doubled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import JSON, Dialect
+from sqlalchemy.orm import Session
+
+from engine.store import models as m
+
+TABLE = m.Outbox.__table__
+COLUMNS: tuple[str, ...] = tuple(c.name for c in TABLE.columns if c.name != "id")
+DEFAULTS: Mapping[str, Any] = {"anchor": "", "attempts": 0, "reasons": []}
+SQLITE_MAX_VARIABLES = 32_766  # SQLite >= 3.32
+SQLITE_ROWS = SQLITE_MAX_VARIABLES // len(COLUMNS)
+
+
+def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Insert rows, skipping any whose idempotency key exists; the new rows' ids by key.
+
+    Columns a row leaves out take their defaults; created_at and updated_at are now.
+    """
+    if not rows:
+        return {}
+    connection = session.connection()
+    dialect = connection.dialect
+    now = m.utcnow()
+    convert = _converters(dialect)
+    ordered = sorted(rows, key=lambda r: str(r["idempotency_key"]))
+    memo: dict[tuple[int, Any], Any] = {}
+    values = [_row(r, convert, now, memo) for r in ordered]
+    driver = connection.connection.driver_connection
+    if dialect.name == "postgresql":
+        return _copy_insert(driver, values)
+    found: dict[str, int] = {}
+    cursor = driver.cursor()
+    try:
+        for start in range(0, len(values), SQLITE_ROWS):
+            part = values[start : start + SQLITE_ROWS]
+            cursor.execute(_sqlite_statement(len(part)), [v for row in part for v in row])
+            found.update(cursor.fetchall())
+    finally:
+        cursor.close()
+    return found
+
+
+def _row(
+    row: Mapping[str, Any],
+    convert: Sequence[tuple[Callable[[Any], Any] | None, bool]],
+    now: Any,
+    memo: dict[tuple[int, Any], Any],
+) -> tuple[Any, ...]:
+    """The row's values in COLUMNS order, converted. Times and reasons repeat across the
+    rows of a batch (a tick's time, a rule's memoized reasons): each distinct value, or
+    reasons list object, is converted once per batch."""
+    out = []
+    for i, (name, (processor, shared)) in enumerate(zip(COLUMNS, convert, strict=True)):
+        if name in row:
+            value = row[name]
+        elif name in ("created_at", "updated_at"):
+            value = now
+        else:
+            value = DEFAULTS.get(name)
+        if processor is not None and value is not None:
+            if shared:
+                key = (i, value if isinstance(value, datetime) else id(value))
+                converted = memo.get(key)
+                if converted is None:
+                    converted = memo[key] = processor(value)
+                value = converted
+            else:
+                value = processor(value)
+        out.append(value)
+    return tuple(out)
+
+
+@cache
+def _converters(dialect: Dialect) -> tuple[tuple[Callable[[Any], Any] | None, bool], ...]:
+    """Each column's bind processor for this dialect (None: passed as is), and whether its
+    values repeat across rows (times, JSON)."""
+    out = []
+    for name in COLUMNS:
+        kind = TABLE.c[name].type
+        shared = isinstance(kind, m.UTCDateTime | JSON)
+        out.append((kind._cached_bind_processor(dialect), shared))
+    return tuple(out)
+
+
+@cache
+def _sqlite_statement(count: int) -> str:
+    one = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+    return (
+        f"INSERT INTO outbox ({', '.join(COLUMNS)}) VALUES {', '.join([one] * count)} "
+        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key, id"
+    )
+
+
+def _copy_insert(driver: Any, values: list[tuple[Any, ...]]) -> dict[str, int]:
+    names = ", ".join(COLUMNS)
+    with driver.cursor() as cursor:
+        cursor.execute(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS outbox_stage ON COMMIT DROP AS "
+            f"SELECT {names} FROM outbox WITH NO DATA"
+        )
+        cursor.execute("TRUNCATE outbox_stage")
+        with cursor.copy(f"COPY outbox_stage ({names}) FROM STDIN") as copy:
+            for row in values:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO outbox ({names}) SELECT {names} FROM outbox_stage "
+            "ORDER BY idempotency_key ON CONFLICT (idempotency_key) DO NOTHING "
+            "RETURNING idempotency_key, id"
+        )
+        return dict(cursor.fetchall())
