@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import decide, dryrun, population, sandbox, sending, webhooks
+from bench import decide, dryrun, population, sandbox, scale, sending, webhooks
 
 COMMANDS = {
     "decide": decide.main,
     "dryrun": dryrun.main,
     "population": population.main,
     "sandbox": sandbox.main,
+    "scale": scale.main,
     "sending": sending.main,
     "webhooks": webhooks.main,
 }

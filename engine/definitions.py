@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from engine.core import cel_context, domain, policy, policy_tests, render
@@ -80,7 +81,7 @@ class DefinitionSet:
     # policies/retention.yaml; None for a set without one (nothing is purged then).
     retention: RetentionFile | None = None
 
-    @property
+    @cached_property
     def policy_version(self) -> str:
         return content_hash("".join(p.version for p in self.policies))
 

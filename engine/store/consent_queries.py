@@ -94,32 +94,39 @@ def consent_states_for_many(
 ) -> dict[int, Mapping[str, domain.ConsentState]]:
     """Current consent for many patients (by row id), one query per chunk of patients.
 
-    No key is unwrapped: states do not need the evidence.
+    The ledger folded as engine.core.consent.fold does (the latest event by occurrence
+    time wins, ties in ledger order; a revocation keeps the basis and grant time it
+    ends), with the database ordering the events. No key is unwrapped: states do not
+    need the evidence.
     """
     purposes = tuple(purposes)
-    ledgers: dict[int, list[domain.ConsentEvent]] = {pid: [] for pid in patient_ids}
+    held: dict[int, dict[str, domain.ConsentState]] = {pid: {} for pid in patient_ids}
     e = m.ConsentEvent
-    columns = (e.patient_id, e.purpose, e.status, e.occurred_at, e.channel, e.legal_basis, e.method)
+    columns = (e.patient_id, e.purpose, e.status, e.occurred_at, e.legal_basis, e.method)
+    order = (e.patient_id, e.occurred_at, e.id)
     for criterion, wanted in id_groups(e.patient_id, patient_ids):
-        stmt = select(*columns).where(criterion).order_by(e.id)
-        for pid, purpose, status, occurred_at, chan, basis, method in session.execute(stmt):
+        stmt = select(*columns).where(criterion, e.channel == channel).order_by(*order)
+        for pid, purpose, status, occurred_at, basis, method in session.execute(stmt):
             if pid not in wanted:
                 continue
-            ledgers[pid].append(
-                domain.ConsentEvent(
-                    patient="",
-                    purpose=purpose,
-                    status=status,
-                    occurred_at=occurred_at,
-                    channel=chan,
-                    legal_basis=basis,
-                    method=method,
+            states = held[pid]
+            if status == "granted":
+                states[purpose] = domain.ConsentState(
+                    purpose, channel, True, basis, method, occurred_at
                 )
-            )
-    return {
-        pid: current_consents(events, purposes=purposes, channel=channel)
-        for pid, events in ledgers.items()
-    }
+            else:
+                before = states.get(purpose)
+                states[purpose] = domain.ConsentState(
+                    purpose,
+                    channel,
+                    False,
+                    before.legal_basis if before else None,
+                    method,
+                    before.granted_at if before else None,
+                    occurred_at,
+                )
+    never = {p: domain.ConsentState(purpose=p, channel=channel) for p in purposes}
+    return {pid: {p: states.get(p) or never[p] for p in purposes} for pid, states in held.items()}
 
 
 def consent_keys_for(*, session: Session, patient_ids: Iterable[int]) -> set[ConsentKey]:

@@ -63,7 +63,11 @@ def histories_for(
             at = sent_at or claimed_at
             if pid in wanted and at is not None and at > since:
                 sent[pid].append(SentMessage(at, purpose))
-    return {pid: History(tuple(sorted(sent.get(pid, ()), key=lambda s: s.at))) for pid in ids}
+    empty = History()
+    return {
+        pid: History(tuple(sorted(sent[pid], key=lambda s: s.at))) if pid in sent else empty
+        for pid in ids
+    }
 
 
 def queued_for(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy import Engine, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine.core.consent import current_consents
 from engine.core.domain import Appointment, ConsentEvent, Patient, Prescription
 from engine.crypto import Keyring
 from engine.store import consent_queries, queries
@@ -248,6 +250,46 @@ def test_consent_states_for_many_patients_at_once(
         for external_id, pid in ids.items()
     }
     assert active == {"P0": ["adherence"], "P1": [], "P2": ["marketing"]}
+
+
+def test_the_batch_consent_fold_equals_folding_each_ledger(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """Random ledgers (same-second events, revocations before any grant, other channels,
+    events recorded out of time order): the planner's batch fold, ordered by the database,
+    gives what engine.core.consent gives for each patient's events."""
+    rng = random.Random(7)
+    bases, methods = ["express", "written", None], ["intake_form", "sms_keyword", None]
+    ledgers: dict[str, list[ConsentEvent]] = {}
+    for i in range(60):
+        events = []
+        for _ in range(rng.randint(0, 8)):
+            status = rng.choice(["granted", "granted", "revoked"])
+            events.append(
+                ConsentEvent(
+                    patient=f"P{i}",
+                    purpose=rng.choice(PURPOSES),
+                    status=status,  # type: ignore[arg-type]
+                    occurred_at=T0 + timedelta(seconds=rng.choice([0, 0, 1, 3600, 86_400])),
+                    channel=rng.choice(["sms", "sms", "sms", "email"]),
+                    legal_basis=rng.choice(bases) if status == "granted" else None,
+                    method=rng.choice(methods),
+                )
+            )
+        ledgers[f"P{i}"] = events
+    with session_factory() as session:
+        records = (make_record(p, phone=f"+1212555{i:04d}") for i, p in enumerate(ledgers))
+        add_patients(session, keyring, *records)
+        for events in ledgers.values():
+            for event in events:
+                consent_queries.record_consent_event(session=session, keyring=keyring, event=event)
+        session.commit()
+        ids = queries.patient_ids_for(session=session, external_ids=list(ledgers))
+        batch = consent_queries.consent_states_for_many(
+            session=session, patient_ids=sorted(ids.values()), purposes=PURPOSES
+        )
+    for external_id, events in ledgers.items():
+        assert batch[ids[external_id]] == current_consents(events, purposes=PURPOSES)
 
 
 def test_suppressions_by_blind_index(

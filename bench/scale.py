@@ -1,0 +1,176 @@
+"""Planning at scale: plan time at several population sizes, against a bare bulk insert.
+
+    python -m bench scale [--patients 10000,100000,1000000] [--db sqlite,postgresql]
+                          [--processes 2] [--sample 400] [--cache DIR]
+
+For each database and population size: the synthetic population is seeded (bench.seed,
+cached with --cache or $ENGAGE_BENCH_CACHE), the starter definitions synced and approved
+(every policy rule active, encryption on). Then, in this order:
+
+1. a bare bulk insert: as many outbox rows as the population has patients, built in
+   memory beforehand (not timed), written 1,000 per transaction by the planner's own
+   insert path (COPY on PostgreSQL, multi-row INSERT on SQLite), then deleted again;
+2. one planner tick at 2026-12-02T00:00Z, when the monthly awareness campaign is due for
+   every adult, in a fresh process (so its peak RSS, and its children's, are its own);
+3. a correctness check: for a random sample of patients, every occurrence is decided
+   again by the straightforward path (bench.scale_check) and must equal the stored row.
+
+The ratio is the planner's rows per second over the bare insert's rows per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import delete, func, select
+
+from bench.dryrun import Figures, Prepared, databases, prepare
+from bench.scale_check import check_sample
+from engine.crypto import load_keys
+from engine.planner import plan
+from engine.settings import Settings
+from engine.store import db
+from engine.store import models as m
+from engine.store.outbox_insert import insert_outbox_rows
+
+AT = datetime(2026, 12, 2, tzinfo=UTC)
+PUBLIC_URL = "https://rh.example"
+
+
+@dataclass
+class Row:
+    """One line of the growth table."""
+
+    database: str
+    patients: int
+    rows: int
+    seconds: float
+    bare_rate: float
+    parent_mib: float
+    child_mib: float
+    sample: str
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds
+
+
+def bare_insert(p: Prepared, count: int) -> float:
+    """Rows per second of a bare bulk insert of `count` outbox rows (then deleted)."""
+    with p.sessions() as session:
+        ids = session.scalars(select(m.Patient.id).order_by(m.Patient.id).limit(10_000)).all()
+    body = random.Random(1).randbytes(140)
+    reason = {"rule": "consent-required", "policy": "consent", "effect": "deny",
+              "message": "no active consent for adherence", "cite": "47 CFR 64.1200"}  # fmt: skip
+    base = {"campaign_id": "bare", "campaign_version": "v", "template_id": "t",
+            "template_version": "v", "locale": "en", "purpose": "adherence",
+            "occurrence": "monthly@2026-12-02", "anchor": "", "outcome": "allow",
+            "status": "queued", "due_at": AT, "send_at": AT, "decided_at": AT,
+            "expires_at": AT + timedelta(hours=10), "segments": 1, "encoding": "GSM-7",
+            "policy_set": "p", "attempts": 0, "body_enc": body}  # fmt: skip
+    rows = [
+        {
+            **base,
+            "idempotency_key": f"bare-{i:012d}",
+            "patient_id": ids[i % len(ids)],
+            "reasons": [reason] if i % 4 == 0 else [],
+        }
+        for i in range(count)
+    ]
+    started = time.perf_counter()
+    for start in range(0, count, 1000):
+        with p.sessions.begin() as session:
+            insert_outbox_rows(session=session, rows=rows[start : start + 1000])
+    seconds = time.perf_counter() - started
+    with p.sessions.begin() as session:
+        session.execute(delete(m.Outbox).where(m.Outbox.campaign_id == "bare"))
+    return count / seconds
+
+
+def plan_in_child(database_url: str, var_dir: str, root: str, processes: int) -> dict[str, float]:
+    """Run in a fresh process: one planner tick; its figures and peak RSS (own, children)."""
+    from engine.definitions import load_definitions
+
+    settings = Settings.from_env({"ENGAGE_VAR_DIR": var_dir, "DATABASE_URL": database_url})
+    engine = db.make_engine(database_url)
+    defs = load_definitions(root)
+    started = time.perf_counter()
+    sessions = db.make_session_factory(engine)
+    report = plan(defs, session_factory=sessions, keyring=load_keys(settings), now=AT,
+                  public_url=PUBLIC_URL, processes=processes)  # fmt: skip
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    return {
+        "rows": report.inserted,
+        "patients": report.patients_seen,
+        "seconds": seconds,
+        "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "child_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def run(args: argparse.Namespace, kind: str, patients: int, workdir: Path, out: list[Row]) -> None:
+    figures = Figures([])
+    for url in databases(kind, workdir):
+        p = prepare(patients, url, workdir, figures, load="seed", cache=args.cache)
+        bare = bare_insert(p, patients)
+        figures.add("bare bulk insert", f"{bare:,.0f} rows/s", f"({patients:,} rows)")
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            result = pool.apply(
+                plan_in_child,
+                (url, str(p.settings.var_dir), p.defs.root, args.processes),
+            )
+        rate = result["rows"] / result["seconds"]
+        figures.add("plan", f"{rate:,.0f} rows/s",
+                    f"({int(result['rows']):,} rows for {int(result['patients']):,} patients "
+                    f"in {result['seconds']:.1f} s, {args.processes} processes)")  # fmt: skip
+        with p.sessions() as session:
+            stored = session.scalar(select(func.count()).select_from(m.Outbox))
+        assert stored == result["rows"], f"{stored} rows stored, {result['rows']} reported"
+        sample = check_sample(p, size=args.sample, at=AT, public_url=PUBLIC_URL)
+        figures.add("sample check", sample.text)
+        out.append(Row(kind, patients, int(result["rows"]), result["seconds"], bare,
+                       result["parent_mib"], result["child_mib"], sample.text))  # fmt: skip
+        p.engine.dispose()
+        if sample.mismatches:
+            raise SystemExit(f"planner and straightforward path differ: {sample.mismatches[:3]}")
+
+
+def print_table(rows: list[Row]) -> None:
+    print("\nplan at scale (one tick, every starter rule, encryption on)")
+    head = (f"{'database':<10} {'patients':>9} {'rows':>9} {'seconds':>8} {'rows/s':>8} "
+            f"{'us/row':>7} {'bare rows/s':>11} {'ratio':>6} {'RSS parent':>10} "
+            f"{'RSS child':>9}  sample")  # fmt: skip
+    print(head)
+    for r in rows:
+        print(f"{r.database:<10} {r.patients:>9,} {r.rows:>9,} {r.seconds:>8.1f} "
+              f"{r.rate:>8,.0f} {1e6 / r.rate:>7.0f} {r.bare_rate:>11,.0f} "
+              f"{r.rate / r.bare_rate:>6.2f} {r.parent_mib:>7,.0f} MiB {r.child_mib:>5,.0f} MiB"
+              f"  {r.sample}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__)
+    parser.add_argument("--patients", default="10000,100000")
+    parser.add_argument("--db", default="sqlite,postgresql")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--sample", type=int, default=400)
+    parser.add_argument("--cache", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    for kind in args.db.split(","):
+        for patients in (int(n) for n in args.patients.split(",")):
+            print(f"bench scale: {patients:,} patients on {kind}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="engage-bench-") as tmp:
+                run(args, kind, patients, Path(tmp), rows)
+    print_table(rows)
