@@ -19,6 +19,7 @@ from engine.core.zones import get_zone
 Anchor = Prescription | Appointment | None
 
 
+@functools.lru_cache(maxsize=65_536)
 def to_utc(local_date: date, at: time, zone: str) -> datetime:
     """The UTC instant of `at` on `local_date` in `zone` (gap: forward by the gap; fold: first)."""
     local = datetime.combine(local_date, at.replace(tzinfo=None, fold=0), tzinfo=get_zone(zone))
@@ -139,19 +140,25 @@ def _local_dates(schedule: Schedule, anchor: Anchor, zone: str) -> list[tuple[st
             (f"{offset:+d}d@{cycle}", base + timedelta(days=offset)) for offset in schedule.offsets
         ]
     if schedule.kind == "recurring":
-        return [(day.isoformat(), day) for day in _recurring_dates(schedule, anchor, zone)]
+        return _labelled(_recurring_dates(schedule, anchor, zone))
     if schedule.on is None:
         raise ValueError("a 'once' schedule needs 'on'")
     return [("once", schedule.on)]
 
 
-def _recurring_dates(schedule: Schedule, anchor: Anchor, zone: str) -> list[date]:
+@functools.lru_cache(maxsize=4096)
+def _labelled(days: tuple[date, ...]) -> list[tuple[str, date]]:
+    """(ISO date label, date) pairs; shared, not to be mutated."""
+    return [(day.isoformat(), day) for day in days]
+
+
+def _recurring_dates(schedule: Schedule, anchor: Anchor, zone: str) -> tuple[date, ...]:
     if schedule.every is None or schedule.count is None or schedule.start is None:
         raise ValueError("a 'recurring' schedule needs 'every', 'start' and 'count'")
     start = schedule.start
     if isinstance(start, str):
         start = _anchor_date(start, anchor, zone)
-    return list(_series(schedule.every, start, schedule.count))
+    return _series(schedule.every, start, schedule.count)
 
 
 @functools.lru_cache(maxsize=4096)
