@@ -286,12 +286,13 @@ def _read_facts(
     of the patients whose key still exists (one erased since has none)."""
     now = tick.rows.now
     purposes = list(tick.rows.defs.purposes)
+    sent, queued = outbox_queries.recent_for(session=session, patient_ids=ids, now=now)
     return _Facts(
         consents=consent_queries.consent_states_for_many(
             session=session, patient_ids=ids, purposes=purposes
         ),
-        sent=outbox_queries.histories_for(session=session, patient_ids=ids, now=now),
-        queued=outbox_queries.queued_for(session=session, patient_ids=ids, now=now),
+        sent=sent,
+        queued=queued,
         suppressed=consent_queries.suppressed_patients(session=session, patient_ids=ids),
         ciphers={
             pid: streamed[pid]
