@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, func, select
 
@@ -118,18 +119,36 @@ def plan_in_child(database_url: str, var_dir: str, root: str, processes: int) ->
     }
 
 
+def in_fresh_process(function: Any, *args: Any) -> Any:
+    """`function(*args)` in a spawned process that may start processes of its own."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_call, args=(results, function, args))
+    child.start()
+    result = results.get()
+    child.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _call(results: Any, function: Any, args: tuple[Any, ...]) -> None:
+    try:
+        results.put(function(*args))
+    except BaseException as exc:
+        results.put(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        raise
+
+
 def run(args: argparse.Namespace, kind: str, patients: int, workdir: Path, out: list[Row]) -> None:
     figures = Figures([])
     for url in databases(kind, workdir):
         p = prepare(patients, url, workdir, figures, load="seed", cache=args.cache)
         bare = bare_insert(p, patients)
         figures.add("bare bulk insert", f"{bare:,.0f} rows/s", f"({patients:,} rows)")
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(1) as pool:
-            result = pool.apply(
-                plan_in_child,
-                (url, str(p.settings.var_dir), p.defs.root, args.processes),
-            )
+        result = in_fresh_process(
+            plan_in_child, url, str(p.settings.var_dir), p.defs.root, args.processes
+        )
         rate = result["rows"] / result["seconds"]
         figures.add("plan", f"{rate:,.0f} rows/s",
                     f"({int(result['rows']):,} rows for {int(result['patients']):,} patients "

@@ -13,7 +13,7 @@ Value conventions (documented for rule authors in docs/policy-language.md):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
@@ -146,10 +146,47 @@ class CompiledExpression:
         """Evaluate on nested variables, as policy_variables or audience_variables build."""
         return self.program.execute(bind(variables, self.uses))
 
+    results: dict[tuple[Any, ...], Any] = field(
+        default_factory=dict, repr=False, compare=False, hash=False
+    )
+    """Results by the values of `key_names` (see `run_memoized`)."""
+
     def run(self, activation: cel.Context) -> Any:
         """Evaluate on a prebuilt activation: `cel.Context(bind(variables, uses))` for these
         uses or a superset (build one per decision and share it among expressions)."""
         return self.program.execute(activation)
+
+    @cached_property
+    def key_names(self) -> tuple[str, ...] | None:
+        """The flat variables the compiled program reads, when it reads nothing else (no
+        name used whole, no macro variable): its result is a function of their values."""
+        if self.uses.whole:
+            return None
+        return tuple(sorted(f for pairs in self.uses.flat_names.values() for _, f in pairs))
+
+    def run_memoized(self, flat: Mapping[str, Any], activation: Callable[[], cel.Context]) -> Any:
+        """`run`, remembering the result by the values of `key_names` in `flat` (the flat
+        variables of the activation): most decisions of a tick share them (a purpose, an
+        encoding, a country), and evaluating CEL is the larger part of deciding. Errors are
+        not remembered (they raise again); at MEMO_LIMIT results the memo starts over."""
+        names = self.key_names
+        if names is None:
+            return self.run(activation())
+        try:
+            key = tuple([flat[n] for n in names])
+            known = self.results.get(key, _UNKNOWN)
+        except TypeError:  # an unhashable value: evaluate
+            return self.run(activation())
+        if known is _UNKNOWN:
+            known = self.run(activation())
+            if len(self.results) >= MEMO_LIMIT:
+                self.results.clear()
+            self.results[key] = known
+        return known
+
+
+MEMO_LIMIT = 4096
+_UNKNOWN = object()
 
 
 # --- variables ----------------------------------------------------------------------------

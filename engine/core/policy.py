@@ -183,11 +183,12 @@ class _Evaluation:
     """Per-decision state: the CEL activation (built once, only if some rule needs it)
     and `where` results shared by rules with the same condition."""
 
-    __slots__ = ("_activation", "_clocks", "_where", "ctx", "policy_set")
+    __slots__ = ("_activation", "_clocks", "_flat", "_where", "ctx", "policy_set")
 
     def __init__(self, policy_set: CompiledPolicySet, ctx: DecisionContext):
         self.policy_set = policy_set
         self.ctx = ctx
+        self._flat: dict[str, object] | None = None
         self._activation: cel.Context | None = None
         self._clocks: tuple[list[datetime], str] | None = None
         self._where: dict[str, bool] = {}
@@ -200,23 +201,32 @@ class _Evaluation:
             self._clocks = (local, text)
         return self._clocks
 
-    def activation(self) -> cel.Context:
-        if self._activation is None:
+    def flat(self) -> dict[str, object]:
+        """The flat variables every expression of the set reads (built once)."""
+        if self._flat is None:
             uses = self.policy_set.uses
             nested = policy_variables(self.ctx, purposes=self.policy_set.purposes, only=uses.names)
+            self._flat = bind(nested, uses)
+        return self._flat
+
+    def activation(self) -> cel.Context:
+        if self._activation is None:
             # Values reach CEL only when an expression reads them: converting a string into
             # CEL costs about a microsecond, and most rules read few of the variables.
             # A resolver's None means "not here", so nulls are set up front.
-            flat = bind(nested, uses)
+            flat = self.flat()
             activation = cel.Context({k: None for k, v in flat.items() if v is None})
             activation.set_variable_resolver(flat.get)
             self._activation = activation
         return self._activation
 
+    def run(self, expression: CompiledExpression) -> object:
+        return expression.run_memoized(self.flat(), self.activation)
+
     def holds(self, expression: CompiledExpression) -> bool:
         known = self._where.get(expression.source)
         if known is None:
-            known = _boolean(expression, expression.run(self.activation()))
+            known = _boolean(expression, self.run(expression))
             self._where[expression.source] = known
         return known
 
@@ -308,7 +318,7 @@ def _consent_holds(compiled: CompiledRule, purpose: str, basis: str) -> str:
 def _check_expression(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
     rule, when = compiled.rule, compiled.when
     assert when is not None  # compile_policy_set guarantees it
-    if _boolean(when, when.run(evaluation.activation())):
+    if _boolean(when, evaluation.run(when)):
         return _memo(compiled, ("when", True), rule.effect, _when_true)
     return _memo(compiled, ("when", False), "allow", _when_false)
 

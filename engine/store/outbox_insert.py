@@ -45,7 +45,7 @@ def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -
     now = m.utcnow()
     convert = _converters(dialect)
     ordered = sorted(rows, key=lambda r: str(r["idempotency_key"]))
-    memo: dict[tuple[int, Any], Any] = {}
+    memo: dict[tuple[str, Any], Any] = {}
     values = [_row(r, convert, now, memo) for r in ordered]
     driver = connection.connection.driver_connection
     if dialect.name == "postgresql":
@@ -64,24 +64,21 @@ def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -
 
 def _row(
     row: Mapping[str, Any],
-    convert: Sequence[tuple[Callable[[Any], Any] | None, bool]],
+    convert: Sequence[tuple[str, Any, Callable[[Any], Any] | None, bool]],
     now: Any,
-    memo: dict[tuple[int, Any], Any],
+    memo: dict[tuple[str, Any], Any],
 ) -> tuple[Any, ...]:
     """The row's values in COLUMNS order, converted. Times and reasons repeat across the
     rows of a batch (a tick's time, a rule's memoized reasons): each distinct value, or
     reasons list object, is converted once per batch."""
     out = []
-    for i, (name, (processor, shared)) in enumerate(zip(COLUMNS, convert, strict=True)):
-        if name in row:
-            value = row[name]
-        elif name in ("created_at", "updated_at"):
+    for name, default, processor, shared in convert:
+        value = row.get(name, default)
+        if value is _NOW:
             value = now
-        else:
-            value = DEFAULTS.get(name)
         if processor is not None and value is not None:
             if shared:
-                key = (i, value if isinstance(value, datetime) else id(value))
+                key = (name, value if isinstance(value, datetime) else id(value))
                 converted = memo.get(key)
                 if converted is None:
                     converted = memo[key] = processor(value)
@@ -92,15 +89,21 @@ def _row(
     return tuple(out)
 
 
+_NOW = object()
+
+
 @cache
-def _converters(dialect: Dialect) -> tuple[tuple[Callable[[Any], Any] | None, bool], ...]:
-    """Each column's bind processor for this dialect (None: passed as is), and whether its
-    values repeat across rows (times, JSON)."""
+def _converters(
+    dialect: Dialect,
+) -> tuple[tuple[str, Any, Callable[[Any], Any] | None, bool], ...]:
+    """Per column: its name, its value when a row leaves it out, its bind processor for
+    this dialect (None: passed as is), and whether its values repeat across rows."""
     out = []
     for name in COLUMNS:
         kind = TABLE.c[name].type
+        default = _NOW if name in ("created_at", "updated_at") else DEFAULTS.get(name)
         shared = isinstance(kind, m.UTCDateTime | JSON)
-        out.append((kind._cached_bind_processor(dialect), shared))
+        out.append((name, default, kind._cached_bind_processor(dialect), shared))
     return tuple(out)
 
 
