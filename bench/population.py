@@ -5,6 +5,8 @@
 The mix is shaped like a US health system with a European arm: zones, states with
 stricter marketing hours, Spanish speakers, consents of every legal basis (and some
 revoked), statin and other prescriptions with refills in the next month, appointments.
+Patients come in blocks of BLOCK with a random stream each (`generate`), so bench.seed can
+build blocks in parallel and the CSV files and a seeded database hold the same population.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ HEADERS = {
     "appointments": "external_id,appointment_id,starts_at,kind,provider,location,status",
     "consents": "external_id,purpose,status,legal_basis,method,notice_version,occurred_at",
 }
+BLOCK = 100  # patients per independently seeded random stream
 
 
 @dataclass(frozen=True)
@@ -199,10 +202,42 @@ def _appointments(rng: random.Random, pid: str, zone: str, pop: Population) -> I
     ]
 
 
+@dataclass(frozen=True)
+class PatientRows:
+    """One patient's rows in each CSV file, in the import's column order."""
+
+    patient: list[str]
+    consents: list[list[str]]
+    prescriptions: list[list[str]]
+    appointments: list[list[str]]
+
+
+def blocks(pop: Population) -> range:
+    """The blocks the population is made of; each one can be generated on its own."""
+    return range((pop.patients + BLOCK - 1) // BLOCK)
+
+
+def generate(pop: Population, block: int) -> Iterator[PatientRows]:
+    """The patients of one block (BLOCK of them, fewer in the last), deterministic by seed.
+
+    Each block has its own random stream, so worker processes can build blocks in any
+    order and N patients are always the first N of any larger population.
+    """
+    rng = random.Random(f"engage-population/{pop.seed}/{block}")
+    for n in range(block * BLOCK, min(pop.patients, (block + 1) * BLOCK)):
+        row, _country, eu = _patient(rng, n, pop)
+        pid, zone = row[0], row[4]
+        yield PatientRows(
+            row,
+            list(_consents(rng, pid, eu, pop)),
+            list(_prescriptions(rng, pid, pop)),
+            list(_appointments(rng, pid, zone, pop)),
+        )
+
+
 def write_population(pop: Population, out: Path) -> dict[str, int]:
     """Write the four CSV files into `out`; returns rows written per file."""
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(pop.seed)
     files = {
         name: (out / f"{name}.csv").open("w", newline="", encoding="utf-8") for name in HEADERS
     }
@@ -211,19 +246,15 @@ def write_population(pop: Population, out: Path) -> dict[str, int]:
     try:
         for name, header in HEADERS.items():
             writers[name].writerow(header.split(","))
-        for n in range(pop.patients):
-            row, _country, eu = _patient(rng, n, pop)
-            writers["patients"].writerow(row)
-            counts["patients"] += 1
-            pid, zone = row[0], row[4]
-            for name, rows in (
-                ("consents", _consents(rng, pid, eu, pop)),
-                ("prescriptions", _prescriptions(rng, pid, pop)),
-                ("appointments", _appointments(rng, pid, zone, pop)),
-            ):
-                for r in rows:
-                    writers[name].writerow(r)
-                    counts[name] += 1
+        for block in blocks(pop):
+            for rows in generate(pop, block):
+                writers["patients"].writerow(rows.patient)
+                for name in ("consents", "prescriptions", "appointments"):
+                    writers[name].writerows(getattr(rows, name))
+                counts["patients"] += 1
+                counts["consents"] += len(rows.consents)
+                counts["prescriptions"] += len(rows.prescriptions)
+                counts["appointments"] += len(rows.appointments)
     finally:
         for f in files.values():
             f.close()

@@ -7,9 +7,11 @@ from datetime import date, time, timedelta
 import cel
 import pytest
 
+from engine.core import cel_context
 from engine.core.cel_context import (
     AUDIENCE_NAMES,
     POLICY_NAMES,
+    CompiledExpression,
     PolicyError,
     audience_variables,
     compile_expression,
@@ -297,3 +299,56 @@ def test_malformed_policy_test(raw, fragment):
 )  # fmt: skip
 def test_parse_duration(text, span):
     assert parse_duration(text) == span
+
+
+# --- memoized evaluation -------------------------------------------------------------------
+
+
+def _memo_expression(source: str) -> CompiledExpression:
+    return compile_expression(source, names=POLICY_NAMES, where="when")
+
+
+def _flat(expression: CompiledExpression, **values: object) -> dict[str, object]:
+    flat = {name: None for name in expression.key_names or ()}
+    flat.update(values)
+    return flat
+
+
+def test_an_expression_of_flat_fields_is_evaluated_once_per_distinct_values() -> None:
+    expression = _memo_expression('message.encoding != "GSM-7" || message.length > 160')
+    assert expression.key_names == ("message__encoding", "message__length")
+    runs: list[dict[str, object]] = []
+
+    def activation_for(flat: dict[str, object]):  # type: ignore[no-untyped-def]
+        def build() -> cel.Context:
+            runs.append(flat)
+            return cel.Context(flat)
+
+        return build
+
+    cases = [("GSM-7", 120, False), ("GSM-7", 120, False), ("GSM-7", 161, True),
+             ("UCS-2", 120, True), ("GSM-7", 161, True)]  # fmt: skip
+    for encoding, length, expected in cases:
+        flat = _flat(expression, message__encoding=encoding, message__length=length)
+        assert expression.run_memoized(flat, activation_for(flat)) is expected
+    assert len(runs) == 3  # one evaluation per distinct (encoding, length)
+
+
+def test_errors_are_not_remembered_and_whole_names_are_not_memoized() -> None:
+    expression = _memo_expression("100 / message.length > 1")
+    flat = _flat(expression, message__length=0)
+    for _ in range(2):
+        with pytest.raises((ArithmeticError, RuntimeError, ValueError)):
+            expression.run_memoized(flat, lambda: cel.Context(flat))
+    assert expression.results == {}
+    whole = _memo_expression('consent[message.purpose].legal_basis == "express"')
+    assert whole.key_names is None
+
+
+def test_the_memo_starts_over_at_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cel_context, "MEMO_LIMIT", 3)
+    expression = _memo_expression("message.length > 100")
+    for length in range(10):
+        flat = _flat(expression, message__length=length)
+        expression.run_memoized(flat, lambda flat=flat: cel.Context(flat))
+        assert len(expression.results) <= 3
