@@ -36,8 +36,20 @@ def parse_horizon(value: str | None) -> timedelta:
 @click.option("--at", "at_text", help="Plan as of this ISO time (default: now).")
 @click.option("--horizon", "horizon_text", help="Look ahead this far, e.g. 5m, 1h (default 5m).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Plan a large population with up to this many processes "
+    "(default: ENGAGE_PLAN_PROCESSES, else one per CPU).",
+)
 @click.pass_obj
-def plan_command(rt: Runtime, at_text: str | None, horizon_text: str | None, as_json: bool) -> None:
+def plan_command(
+    rt: Runtime,
+    at_text: str | None,
+    horizon_text: str | None,
+    as_json: bool,
+    processes: int | None,
+) -> None:
     """Run one planner tick: decide due occurrences and write them to the outbox."""
     now, horizon = parse_at(at_text), parse_horizon(horizon_text)
     with rt.session_factory() as session:
@@ -50,6 +62,7 @@ def plan_command(rt: Runtime, at_text: str | None, horizon_text: str | None, as_
         horizon=horizon,
         public_url=rt.settings.public_url,
         actor=audit.cli_actor(),
+        processes=processes or rt.settings.plan_processes,
     )
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))

@@ -36,6 +36,8 @@ class Settings:
     page_rate_per_minute: int = 30
     # Sign-in attempts per client address and minute.
     login_rate_per_minute: int = 10
+    # Processes a planner tick may use for a large population (engine.planner_parallel).
+    plan_processes: int = 1
     # Master keys that only unwrap (during and after a rotation, docs/operations.md): by
     # value (base64, comma-separated) and as files (mode 0600, os.pathsep-separated).
     previous_master_keys: str | None = None
@@ -70,6 +72,7 @@ class Settings:
             secret_key_file=Path(env.get("ENGAGE_SECRET_KEY_FILE", var_dir / "secret.key")),
             page_rate_per_minute=int(env.get("ENGAGE_PAGE_RATE", "30")),
             login_rate_per_minute=int(env.get("ENGAGE_LOGIN_RATE", "10")),
+            plan_processes=max(1, int(env.get("ENGAGE_PLAN_PROCESSES", os.cpu_count() or 1))),
             previous_master_keys=env.get("ENGAGE_PREVIOUS_MASTER_KEYS") or None,
             previous_master_key_files=tuple(
                 Path(p)

@@ -238,6 +238,7 @@ class Worker:
             horizon=self.config.plan_horizon,
             public_url=self.settings.public_url,
             actor=f"worker:{self.config.worker_id}",
+            processes=self.settings.plan_processes,
         )
         counts = {"inserted": report.inserted, "expired": report.expired}
         seconds = round(report.duration, 3)
