@@ -2,7 +2,10 @@
 and bare http.client keep-alive requests (what the server alone sustains).
 
     python -m bench sandbox [--messages 4000] [--threads 1,8,32] [--server process|thread]
-                            [--clients transport,raw sdk,http.client]
+        [--clients transport,raw sdk,http.client,async transport,raw sdk async]
+
+"threads" is the concurrency: threads for the blocking clients, coroutines in flight for
+the async ones (the SDK's create_async over aiohttp).
 
 The sandbox runs in its own process by default (as `engage sandbox` would), so client and
 server do not share one interpreter lock; `--server thread` runs it in this process, as the
@@ -12,6 +15,7 @@ tests do. Every run checks that the sandbox accepted each message exactly once.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import http.client
 import os
@@ -26,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 from requests.adapters import HTTPAdapter
+from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
@@ -40,6 +45,7 @@ from engine.sandbox.server import SandboxServer
 from engine.settings import Settings
 from engine.transports.base import OutboundMessage
 from engine.transports.twilio import TwilioTransport
+from engine.transports.twilio_async import AsyncTwilioTransport
 
 SERVE = """
 from engine.sandbox.config import SandboxConfig
@@ -83,8 +89,8 @@ def start_server(mode: str) -> Server:
     return Server(url, stop, cpu_seconds)
 
 
-def transport_sender(url: str, threads: int) -> Callable[[int], None]:
-    settings = Settings(
+def bench_settings(url: str) -> Settings:
+    return Settings(
         var_dir=Path("var"),
         database_url="sqlite://",
         master_key_file=Path("unused"),
@@ -94,7 +100,10 @@ def transport_sender(url: str, threads: int) -> Callable[[int], None]:
         twilio_auth_token=SANDBOX_AUTH_TOKEN,
         twilio_from_number=SANDBOX_FROM_NUMBER,
     )
-    transport = TwilioTransport(settings, pool_size=threads)
+
+
+def transport_sender(url: str, threads: int) -> Callable[[int], None]:
+    transport = TwilioTransport(bench_settings(url), pool_size=threads)
 
     def send(i: int) -> None:
         transport.send(OutboundMessage(to=f"+1555{i:07d}", body=f"bench {i}", reference=str(i)))
@@ -114,6 +123,32 @@ def raw_sender(url: str, threads: int) -> Callable[[int], None]:
         messages.create(to=f"+1555{i:07d}", from_=SANDBOX_FROM_NUMBER, body=f"bench {i}")
 
     return send
+
+
+def raw_async_loop(url: str, concurrency: int, count: int) -> tuple[float, float]:
+    """`count` raw SDK `create_async` calls, `concurrency` at a time, on aiohttp (the
+    SDK's AsyncTwilioHttpClient): (wall seconds, CPU seconds of this process)."""
+
+    async def main() -> tuple[float, float]:
+        http = AsyncTwilioHttpClient()
+        client = Client(SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, http_client=http)
+        client.api.base_url = url
+        messages = client.api.v2010.accounts(SANDBOX_ACCOUNT_SID).messages
+        slots = asyncio.Semaphore(concurrency)
+
+        async def send(i: int) -> None:
+            async with slots:
+                await messages.create_async(
+                    to=f"+1555{i:07d}", from_=SANDBOX_FROM_NUMBER, body=f"bench {i}"
+                )
+
+        start, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(send(i) for i in range(count)))
+        elapsed = time.perf_counter() - start, time.process_time() - cpu
+        await http.close()
+        return elapsed
+
+    return asyncio.run(main())
 
 
 def http_sender(url: str, threads: int) -> Callable[[int], None]:
@@ -140,7 +175,27 @@ def http_sender(url: str, threads: int) -> Callable[[int], None]:
     return send
 
 
+def async_transport_loop(url: str, concurrency: int, count: int) -> tuple[float, float]:
+    """AsyncTwilioTransport.send_async, `concurrency` at a time, submitted from this thread
+    as the dispatcher does: (wall seconds, CPU seconds of this process)."""
+    transport = AsyncTwilioTransport(bench_settings(url), pool_size=concurrency)
+    slots = asyncio.Semaphore(concurrency)
+
+    async def send(i: int) -> None:
+        async with slots:
+            message = OutboundMessage(to=f"+1555{i:07d}", body=f"bench {i}", reference=str(i))
+            await transport.send_async(message)
+
+    start, cpu = time.perf_counter(), time.process_time()
+    for future in [transport.submit(send(i)) for i in range(count)]:
+        future.result()
+    elapsed = time.perf_counter() - start, time.process_time() - cpu
+    transport.close()
+    return elapsed
+
+
 SENDERS = {"transport": transport_sender, "raw sdk": raw_sender, "http.client": http_sender}
+ASYNC_LOOPS = {"async transport": async_transport_loop, "raw sdk async": raw_async_loop}
 
 
 def run(send: Callable[[int], None], n: int, threads: int) -> tuple[float, float]:
@@ -157,9 +212,11 @@ def run(send: Callable[[int], None], n: int, threads: int) -> tuple[float, float
 
 def measure(server: Server, control: SandboxClient, label: str, threads: int, n: int) -> str:
     control.reset()
-    send = SENDERS[label](server.url, threads)
     server_cpu = server.cpu_seconds()
-    seconds, client_cpu = run(send, n, threads)
+    if label in ASYNC_LOOPS:
+        seconds, client_cpu = ASYNC_LOOPS[label](server.url, threads, n)
+    else:
+        seconds, client_cpu = run(SENDERS[label](server.url, threads), n, threads)
     after = server.cpu_seconds()
     accepted = control.accepted_per_to()
     dups = sum(1 for c in accepted.values() if c > 1)
@@ -177,7 +234,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--threads", default="1,8,32")
     parser.add_argument("--server", choices=["process", "thread"], default="process")
-    parser.add_argument("--clients", default=",".join(SENDERS), help="transport,raw sdk,...")
+    parser.add_argument(
+        "--clients", default=",".join([*SENDERS, *ASYNC_LOOPS]), help="transport,raw sdk,..."
+    )
     args = parser.parse_args(argv)
     server = start_server(args.server)
     control = SandboxClient(server.url)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +48,15 @@ def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
     )
 
 
+def _stop_while_starting() -> threading.Event:
+    """SIGTERM or SIGINT before the worker is built (imports, connections, the transport
+    take a while on a loaded machine) is kept, not fatal: the worker stops once built."""
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stopping.set())
+    return stopping
+
+
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--id", "worker_id", help="This worker's name (default: host-pid)."),
@@ -83,8 +94,11 @@ def worker(rt: Runtime, **options: Any) -> None:
     from engine.worker import configure_logging
 
     configure_logging()
+    stopping = _stop_while_starting()
     w = _worker(rt, utcnow, **options)
     w.install_signal_handlers()
+    if stopping.is_set():
+        w.stop.set()
     raise SystemExit(w.run())
 
 
@@ -103,11 +117,14 @@ def dispatch(rt: Runtime, once: bool, at_text: str | None, interval: float, **op
     if at_text is not None and not once:
         raise UsageProblem("--at needs --once")
     at = parse_at(at_text) if at_text else None
+    stopping = _stop_while_starting()
     w = _worker(
         rt, (lambda: at) if at else utcnow, plan_interval=None, dispatch_interval=interval,
         **options,
     )  # fmt: skip
     w.install_signal_handlers()
+    if stopping.is_set():
+        w.stop.set()
     if not once:
         raise SystemExit(w.run())
     reconciled = w.reconcile_tick()

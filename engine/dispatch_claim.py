@@ -149,7 +149,9 @@ def _read_batch(
     now: datetime,
 ) -> _Batch:
     ciphers = queries.ciphers_for(session=session, keyring=keyring, patient_ids=patient_ids)
-    patients = session.scalars(select(m.Patient).where(m.Patient.id.in_(patient_ids)))
+    # Core rows: the codec reads the same names, at a fraction of an ORM object's cost.
+    table = m.Patient.__table__
+    patients = session.execute(select(table).where(table.c.id.in_(patient_ids)))
     records = {p.id: codec.open_patient(p, ciphers[p.id]) for p in patients if p.id in ciphers}
     return _Batch(
         records=records,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from engine import audit
@@ -54,13 +54,17 @@ def record_outcomes(
     *, session: Session, outcomes: Sequence[SendOutcome], ctx: RecordContext
 ) -> dict[str, int]:
     """Write each outcome onto its row; returns counts by what happened."""
-    ids = [o.claimed.outbox_id for o in outcomes]
+    accepted = [x for x in outcomes if x.result is not None and not x.found and not x.released]
+    counts = record_accepted(session=session, outcomes=accepted, ctx=ctx) if accepted else {}
+    others = [x for x in outcomes if x.result is None or x.found or x.released]
+    if not others:
+        return counts
+    ids = [x.claimed.outbox_id for x in others]
     o = m.Outbox
     mine = (o.status == status.SENDING, o.claimed_by == ctx.worker_id)
     rows = {row.id: row for row in session.scalars(select(o).where(o.id.in_(ids), *mine))}
-    counts: dict[str, int] = {}
     opted_out: dict[int, int] = {}
-    for outcome in outcomes:
+    for outcome in others:
         row = rows.get(outcome.claimed.outbox_id)
         if row is None:
             log.warning(
@@ -77,6 +81,49 @@ def record_outcomes(
         revoke_for_carrier_opt_out(session=session, patient_id=patient_id, code=code, ctx=ctx)
     session.flush()
     return counts
+
+
+def record_accepted(
+    *, session: Session, outcomes: Sequence[SendOutcome], ctx: RecordContext
+) -> dict[str, int]:
+    """The common case, without loading the rows: the provider accepted these texts.
+
+    The rows still ours are locked first (FOR UPDATE; SQLite's writer lock does the same),
+    so the guarded UPDATE that follows cannot miss one of them."""
+    o = m.Outbox
+    ids = sorted(x.claimed.outbox_id for x in outcomes)
+    stmt = select(o.id).where(o.id.in_(ids), o.status == status.SENDING)
+    stmt = stmt.where(o.claimed_by == ctx.worker_id).order_by(o.id)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    mine = set(session.scalars(stmt))
+    params = [
+        {"oid": x.claimed.outbox_id, "sid": x.result.provider_sid, "pstatus": x.result.status}
+        for x in outcomes
+        if x.result is not None and x.claimed.outbox_id in mine
+    ]
+    if params:
+        session.connection().execute(
+            update(o)
+            .where(o.id == bindparam("oid"), o.status == status.SENDING)
+            .where(o.claimed_by == ctx.worker_id)
+            .values(
+                status=status.SENT,
+                provider_sid=bindparam("sid"),
+                provider_status=bindparam("pstatus"),
+                sent_at=ctx.now,
+                attempts=o.attempts + 1,
+            ),
+            params,
+        )
+    for x in outcomes:
+        if x.claimed.outbox_id not in mine:
+            log.warning(
+                "dispatch.claim_lost",
+                extra={"fields": {"worker": ctx.worker_id, "outbox_id": x.claimed.outbox_id}},
+            )
+    lost = len(outcomes) - len(params)
+    return {"sent": len(params), **({"claim_lost": lost} if lost else {})}
 
 
 def _apply(session: Session, row: m.Outbox, outcome: SendOutcome, ctx: RecordContext) -> str:

@@ -1,21 +1,25 @@
 """The provider call: a per-sender rate limit, one send, and what came of it.
 
-Sends run outside any database transaction, in a thread pool; nothing here touches the
-database (engine.dispatch_record writes the outcomes).
+Sends run outside any database transaction, in a thread pool or as coroutines on an async
+transport's event loop; nothing here touches the database (engine.dispatch_record writes
+the outcomes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from engine.dispatch_claim import Claimed
 from engine.transports.base import (
+    AsyncTransport,
     OutboundMessage,
     ProviderError,
     SendResult,
@@ -27,6 +31,7 @@ BACKOFF_BASE = timedelta(seconds=2)
 BACKOFF_CAP = timedelta(minutes=10)
 # How far before a claim the provider is asked about: covers clock skew between hosts.
 LOOKUP_MARGIN = timedelta(seconds=60)
+STOP_POLL = 0.1  # seconds between looks at the stop flag while waiting for a rate slot
 _PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{4,}\d")
 
 
@@ -53,14 +58,19 @@ class RateLimiter:
 
     def acquire(self) -> bool:
         """Block until this caller's slot; False when the wait was cut short."""
+        delay = self.reserve()
+        return delay <= 0 or not self._wait(delay)
+
+    def reserve(self) -> float:
+        """Take the next free slot; the seconds until it comes (for callers that wait on
+        their own, such as a coroutine)."""
         if not self.interval:
-            return True
+            return 0.0
         with self._lock:
             now = self._clock()
             slot = max(now, self._next)
             self._next = slot + self.interval
-        delay = slot - now
-        return delay <= 0 or not self._wait(delay)
+        return slot - now
 
 
 def _sleep(seconds: float) -> bool:
@@ -103,23 +113,98 @@ def send_claimed(
 ) -> SendOutcome:
     """Send one claimed row, unless the worker is stopping or an earlier try went out."""
     if claimed.previous_claim_at is not None:
-        since = claimed.previous_claim_at - LOOKUP_MARGIN
         try:
-            records = transport.sent_since(to=claimed.to, since=since)
-            found = matching_records(records, to=claimed.to, body=claimed.body)
-        except ProviderError as exc:  # unknown whether it went out: retry later, never now
-            lookup = ProviderError(f"lookup before retry failed: {exc.message}")
-            return SendOutcome(claimed, error=lookup)
+            records = transport.sent_since(to=claimed.to, since=_lookup_since(claimed))
+        except ProviderError as exc:
+            return _lookup_failed(claimed, exc)
+        found = matching_records(records, to=claimed.to, body=claimed.body)
         if found:
             return SendOutcome(claimed, found=found)
     if stop.is_set() or not limiter.acquire() or stop.is_set():
         return SendOutcome(claimed, released=True)
-    message = OutboundMessage(to=claimed.to, body=claimed.body, reference=str(claimed.outbox_id))
     try:
-        result = transport.send(message)
+        result = transport.send(_message(claimed))
     except ProviderError as exc:
         return SendOutcome(claimed, error=exc)
     return SendOutcome(claimed, result=result)
+
+
+async def send_claimed_async(
+    claimed: Claimed,
+    *,
+    transport: AsyncTransport,
+    limiter: RateLimiter,
+    stop: threading.Event,
+    slots: asyncio.Semaphore,
+) -> SendOutcome:
+    """send_claimed on the transport's event loop, with at most `slots` rows at once."""
+    async with slots:
+        if claimed.previous_claim_at is not None:
+            since = _lookup_since(claimed)
+            try:
+                records = await transport.sent_since_async(to=claimed.to, since=since)
+            except ProviderError as exc:
+                return _lookup_failed(claimed, exc)
+            found = matching_records(records, to=claimed.to, body=claimed.body)
+            if found:
+                return SendOutcome(claimed, found=found)
+        if stop.is_set() or not await _await_slot(limiter.reserve(), stop) or stop.is_set():
+            return SendOutcome(claimed, released=True)
+        try:
+            result = await transport.send_async(_message(claimed))
+        except ProviderError as exc:
+            return SendOutcome(claimed, error=exc)
+        return SendOutcome(claimed, result=result)
+
+
+async def send_batch_async(
+    batch: Sequence[Claimed],
+    futures: Sequence[Future[SendOutcome]],
+    *,
+    transport: AsyncTransport,
+    limiter: RateLimiter,
+    stop: threading.Event,
+    slots: asyncio.Semaphore,
+) -> None:
+    """send_claimed_async for each row of a batch, each outcome set on its future (one
+    hand-over to the event loop per batch instead of one per row)."""
+
+    async def one(claimed: Claimed, future: Future[SendOutcome]) -> None:
+        try:
+            outcome = await send_claimed_async(
+                claimed, transport=transport, limiter=limiter, stop=stop, slots=slots
+            )
+        except Exception as exc:  # passed on, as an executor would: the row stays `sending`
+            future.set_exception(exc)
+        else:
+            future.set_result(outcome)
+
+    await asyncio.gather(*(one(c, f) for c, f in zip(batch, futures, strict=True)))
+
+
+async def _await_slot(delay: float, stop: threading.Event) -> bool:
+    """Sleep until a rate-limit slot, looking at `stop` every STOP_POLL seconds; False
+    when the worker is stopping."""
+    deadline = time.monotonic() + delay
+    while (left := deadline - time.monotonic()) > 0:
+        if stop.is_set():
+            return False
+        await asyncio.sleep(min(left, STOP_POLL))
+    return True
+
+
+def _lookup_since(claimed: Claimed) -> datetime:
+    assert claimed.previous_claim_at is not None
+    return claimed.previous_claim_at - LOOKUP_MARGIN
+
+
+def _lookup_failed(claimed: Claimed, exc: ProviderError) -> SendOutcome:
+    """Unknown whether the earlier attempt went out: retry later, never now."""
+    return SendOutcome(claimed, error=ProviderError(f"lookup before retry failed: {exc.message}"))
+
+
+def _message(claimed: Claimed) -> OutboundMessage:
+    return OutboundMessage(to=claimed.to, body=claimed.body, reference=str(claimed.outbox_id))
 
 
 def matching_records(

@@ -11,10 +11,18 @@ One batch (`dispatch_batch`) is three steps:
    deferred ones get their new send_at (or expire), and allowed ones become `sending`
    with claimed_by/claimed_at. The transaction commits before any provider call.
 
-2. Send, outside any transaction, in a thread pool, under a per-sender rate limit
-   (engine.dispatch_send).
+2. Send, outside any transaction, under a per-sender rate limit (engine.dispatch_send):
+   as coroutines on an async transport's event loop (engine.transports.twilio_async),
+   else in a thread pool.
 
-3. Record, in short transactions as sends complete (engine.dispatch_record).
+3. Record, in short transactions as sends complete (engine.dispatch_record): everything
+   completed since the last record transaction, at most RECORD_CHUNK rows and at most
+   RECORD_EVERY seconds after the oldest completed.
+
+`dispatch_until_idle` pipelines the batches (engine.dispatch_pipeline): the next claim
+runs while the previous batch's sends are in flight, so the provider calls do not wait
+for the database. Claims run in the calling thread; records too on SQLite (writers take
+turns there anyway), in one record thread of their own on PostgreSQL.
 
 Frequency caps under concurrency. Before reading history, the claim locks the batch's
 patients (`SELECT ... FOR NO KEY UPDATE`, ordered by id; on SQLite the writer lock does
@@ -35,28 +43,29 @@ Paused campaigns' rows are not claimed, and not cancelled: they wait for the res
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime
+from typing import Any, cast
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine import audit
-from engine import outbox_status as status
 from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
 from engine.dispatch_claim import Claimed, claim_due
+from engine.dispatch_pipeline import DispatchReport, Pipeline
 from engine.dispatch_reconcile import ReconcileReport, reconcile_stale
-from engine.dispatch_record import DEFAULT_MAX_ATTEMPTS, RecordContext, record_outcomes
-from engine.dispatch_send import RateLimiter, SendOutcome, send_claimed
-from engine.transports.base import Transport
+from engine.dispatch_record import DEFAULT_MAX_ATTEMPTS, RecordContext
+from engine.dispatch_send import RateLimiter, SendOutcome, send_batch_async, send_claimed
+from engine.transports.base import AsyncTransport, Transport, is_async
 
 __all__ = [
     "DispatchReport",
@@ -74,120 +83,75 @@ DEFAULT_BATCH = 100
 DEFAULT_CONCURRENCY = 16
 
 
-@dataclass
-class DispatchReport:
-    """Counts for one or more batches (rows examined by the claim, and send results)."""
-
-    claimed: int = 0
-    blocked: int = 0
-    deferred: int = 0
-    expired: int = 0
-    sent: int = 0
-    failed: int = 0
-    opted_out: int = 0
-    retried: int = 0
-    released: int = 0
-    claim_lost: int = 0
-    stranded: int = 0
-    batches: int = 0
-    seconds: float = 0.0
-
-    @property
-    def examined(self) -> int:
-        return self.claimed + self.blocked + self.deferred + self.expired
-
-    def add(self, counts: Counter[str] | dict[str, int]) -> None:
-        for key, value in counts.items():
-            setattr(self, key, getattr(self, key) + value)
-
-    def merge(self, other: DispatchReport) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def fields(self) -> dict[str, float]:
-        out: dict[str, float] = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["seconds"] = round(self.seconds, 3)
-        return out
-
-
 def dispatch_batch(
     *,
-    session_factory: sessionmaker[Session],
-    keyring: Keyring,
-    defs: DefinitionSet,
-    transport: Transport,
-    worker_id: str,
     now: datetime,
-    limit: int = DEFAULT_BATCH,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    limiter: RateLimiter | None = None,
-    stop: threading.Event | None = None,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    rng: random.Random | None = None,
+    **kwargs: Any,
 ) -> DispatchReport:
-    """Claim up to `limit` due rows, send the allowed ones, record every result."""
-    started = time.perf_counter()
-    claimed, counts = _claim(
-        session_factory, keyring=keyring, defs=defs, worker_id=worker_id, now=now, limit=limit
-    )
-    report = DispatchReport(
-        claimed=len(claimed),
-        blocked=counts[status.BLOCKED],
-        deferred=counts[status.DEFERRED],
-        expired=counts[status.EXPIRED],
-        batches=1,
-    )
-    if claimed:
-        ctx = RecordContext(worker_id, now, defs, keyring, max_attempts, rng)
-        _send_and_record(
-            claimed,
-            transport=transport,
-            limiter=limiter or RateLimiter(None),
-            stop=stop or threading.Event(),
-            concurrency=concurrency,
-            session_factory=session_factory,
-            ctx=ctx,
-            report=report,
-        )
-    if report.examined:
-        _audit_batch(session_factory, report, worker_id=worker_id, now=now)
-    report.seconds = time.perf_counter() - started
-    if report.examined:
-        log.info("dispatch.batch", extra={"fields": {"worker": worker_id, **report.fields()}})
-    return report
-
-
-def _audit_batch(
-    session_factory: sessionmaker[Session], report: DispatchReport, *, worker_id: str, now: datetime
-) -> None:
-    """One audit entry per batch with its counts by final status, not one per message: the
-    chain's head row would otherwise serialize the senders."""
-    counts = {k: v for k, v in report.fields().items() if k not in ("batches", "seconds")}
-    with session_factory.begin() as session:
-        audit.record(
-            session=session,
-            actor=f"worker:{worker_id}",
-            action="dispatch_batch",
-            now=now,
-            details={k: int(v) for k, v in counts.items()},
-        )
+    """Claim up to `limit` due rows once (at `now`), send the allowed ones, record every
+    result. Takes dispatch_until_idle's keyword arguments but `clock` and `max_batches`.
+    The claim happens even when `stop` is set: the rows claimed are then released."""
+    return dispatch_until_idle(clock=lambda: now, max_batches=1, _even_if_stopping=True, **kwargs)
 
 
 def dispatch_until_idle(
     *,
     clock: Callable[[], datetime],
+    session_factory: sessionmaker[Session],
+    keyring: Keyring,
+    defs: DefinitionSet,
+    transport: Transport,
+    worker_id: str,
     stop: threading.Event | None = None,
     max_batches: int | None = None,
-    **kwargs: object,
+    limit: int = DEFAULT_BATCH,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    limiter: RateLimiter | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    rng: random.Random | None = None,
+    _even_if_stopping: bool = False,
 ) -> DispatchReport:
-    """Run batches (each at `clock()`) until one finds no due row, or `stop` is set."""
-    total = DispatchReport()
+    """Run batches (each claimed at `clock()`) until one finds no due row, or `stop` is
+    set, or `max_batches` were claimed.
+
+    Pipelined (engine.dispatch_pipeline): the next batch is claimed while the previous
+    one's sends are still in flight (once at most max(concurrency, limit // 2) are left),
+    so the provider calls do not wait for claims. Sends run as coroutines on an async
+    transport's loop, else in a thread pool. This thread claims; completed sends are
+    recorded here on SQLite, by one record thread on PostgreSQL.
+    """
+    started = time.perf_counter()
     stop = stop or threading.Event()
-    while not stop.is_set() and (max_batches is None or total.batches < max_batches):
-        report = dispatch_batch(now=clock(), stop=stop, **kwargs)  # type: ignore[arg-type]
-        total.merge(report)
-        if report.examined == 0:
-            break
+    limiter = limiter or RateLimiter(None)
+    with ExitStack() as resources:
+        if is_async(transport):
+            slots = asyncio.Semaphore(concurrency)
+            a = cast(AsyncTransport, transport)
+
+            def submit(batch: list[Claimed]) -> list[Future[SendOutcome]]:
+                futures: list[Future[SendOutcome]] = [Future() for _ in batch]
+                a.submit(send_batch_async(batch, futures, transport=a, limiter=limiter,
+                                          stop=stop, slots=slots))  # fmt: skip
+                return futures
+        else:
+            pool = resources.enter_context(
+                ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="send")
+            )
+
+            def submit(batch: list[Claimed]) -> list[Future[SendOutcome]]:
+                return [
+                    pool.submit(send_claimed, c, transport=transport, limiter=limiter, stop=stop)
+                    for c in batch
+                ]
+
+        run = Pipeline(session_factory, submit, worker_id, low_water=max(concurrency, limit // 2))
+        total = run.until_idle(
+            claim=lambda now: _claim(session_factory, keyring=keyring, defs=defs,
+                                     worker_id=worker_id, now=now, limit=limit),
+            context=lambda now: RecordContext(worker_id, now, defs, keyring, max_attempts, rng),
+            clock=clock, stop=stop, max_batches=max_batches, first=_even_if_stopping,
+        )  # fmt: skip
+    total.seconds = time.perf_counter() - started
     return total
 
 
@@ -208,48 +172,3 @@ def _claim(
                 extra={"fields": {"attempt": attempt, "error": type(exc.orig).__name__}},
             )
     raise AssertionError("unreachable")
-
-
-def _send_and_record(
-    claimed: list[Claimed],
-    *,
-    transport: Transport,
-    limiter: RateLimiter,
-    stop: threading.Event,
-    concurrency: int,
-    session_factory: sessionmaker[Session],
-    ctx: RecordContext,
-    report: DispatchReport,
-) -> None:
-    """Send in a pool; record whatever has completed each time something completes.
-
-    A transport that raises anything but ProviderError leaves its row `sending`: whether
-    the text went out is unknown, which is reconciliation's job.
-    """
-    workers = max(1, min(concurrency, len(claimed)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="send") as pool:
-        pending: set[Future[SendOutcome]] = {
-            pool.submit(send_claimed, c, transport=transport, limiter=limiter, stop=stop)
-            for c in claimed
-        }
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            outcomes = list(_completed(done, ctx.worker_id, report))
-            if outcomes:
-                with session_factory.begin() as session:
-                    report.add(record_outcomes(session=session, outcomes=outcomes, ctx=ctx))
-
-
-def _completed(
-    done: Iterable[Future[SendOutcome]], worker_id: str, report: DispatchReport
-) -> Iterable[SendOutcome]:
-    for future in done:
-        error = future.exception()
-        if error is None:
-            yield future.result()
-            continue
-        report.stranded += 1
-        log.error(
-            "dispatch.transport_crashed",
-            extra={"fields": {"worker": worker_id, "error": type(error).__name__}},
-        )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
+T = TypeVar("T")
 ErrorKind = Literal["opted_out", "invalid_number", "filtered", "transient", "permanent"]
 
 # Twilio error codes (https://www.twilio.com/docs/api/errors), by what the dispatcher does.
@@ -81,3 +84,21 @@ class Transport(Protocol):
         The dispatcher uses it to reconcile a row left `sending` by a crash.
         """
         ...
+
+
+class AsyncTransport(Transport, Protocol):
+    """A transport whose calls are coroutines on an event loop of its own; `submit` runs
+    one there from any thread. The blocking `send` and `sent_since` still work."""
+
+    async def send_async(self, message: OutboundMessage) -> SendResult: ...
+
+    async def sent_since_async(self, *, to: str, since: datetime) -> list[SentRecord] | None: ...
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]: ...
+
+
+def is_async(transport: Transport) -> bool:
+    """Whether the dispatcher can hand this transport coroutines (AsyncTransport)."""
+    return callable(getattr(transport, "submit", None)) and callable(
+        getattr(transport, "send_async", None)
+    )

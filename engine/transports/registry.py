@@ -11,9 +11,11 @@ SANDBOX_URL = "http://127.0.0.1:8099"
 
 
 def make_twilio(settings: Settings) -> Transport:
-    from engine.transports.twilio import TwilioTransport
+    """The twilio SDK's async client on an event loop of its own (engine.transports.
+    twilio_async): the dispatcher hands it coroutines; blocking calls work too."""
+    from engine.transports.twilio_async import AsyncTwilioTransport
 
-    return TwilioTransport(settings)
+    return AsyncTwilioTransport(settings)
 
 
 def make_sandbox(settings: Settings) -> Transport:
@@ -24,9 +26,9 @@ def make_sandbox(settings: Settings) -> Transport:
         SANDBOX_AUTH_TOKEN,
         SANDBOX_FROM_NUMBER,
     )
-    from engine.transports.twilio import TwilioTransport
+    from engine.transports.twilio_async import AsyncTwilioTransport
 
-    transport = TwilioTransport(
+    transport = AsyncTwilioTransport(
         settings.with_(
             twilio_api_base_url=settings.twilio_api_base_url or SANDBOX_URL,
             twilio_account_sid=settings.twilio_account_sid or SANDBOX_ACCOUNT_SID,

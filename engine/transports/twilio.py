@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,6 +144,64 @@ def provider_error(exc: Exception) -> ProviderError:
 EXPECTED = (TwilioException, requests.RequestException, json.JSONDecodeError)
 
 
+@dataclass(frozen=True)
+class Sender:
+    """The account and the sender every create names, checked once."""
+
+    account_sid: str
+    auth_token: str
+    service_sid: str | None
+    from_number: str | None
+    callback: str | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sender:
+        sid, token = settings.twilio_account_sid, settings.twilio_auth_token
+        if not sid or not token:
+            raise TransportConfigError("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set")
+        service, sender = settings.twilio_messaging_service_sid, settings.twilio_from_number
+        if not service and not sender:
+            raise TransportConfigError(
+                "set TWILIO_MESSAGING_SERVICE_SID or TWILIO_FROM_NUMBER: the sender"
+            )
+        return cls(sid, token, service, sender, settings.status_callback_url or None)
+
+
+def create_args(message: OutboundMessage, sender: Sender) -> dict[str, Any]:
+    """The keyword arguments of `messages.create` for one text."""
+    args: dict[str, Any] = {"to": message.to, "body": message.body}
+    if sender.service_sid:
+        args["messaging_service_sid"] = sender.service_sid
+    else:
+        args["from_"] = sender.from_number
+    if sender.callback:
+        sep = "&" if "?" in sender.callback else "?"
+        args["status_callback"] = f"{sender.callback}{sep}ref={message.reference}"
+    return args
+
+
+def records_since(listed: list[Any], *, to: str, since: datetime) -> list[SentRecord] | None:
+    """The listed messages to `to` created at or after `since` (to the second); None when
+    all RECONCILE_LIMIT read fall in the window (older ones might too: cannot tell)."""
+    floor = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(UTC)
+    floor = floor.replace(microsecond=0)
+    found = [
+        m for m in listed if m.to == to and m.date_created is not None and m.date_created >= floor
+    ]
+    if len(listed) >= RECONCILE_LIMIT and len(found) == len(listed):
+        return None
+    return [
+        SentRecord(
+            provider_sid=m.sid or "",
+            to=m.to or to,
+            body=m.body or "",
+            status=str(m.status or ""),
+            created_at=m.date_created,
+        )
+        for m in found
+    ]
+
+
 class TwilioTransport:
     """Transport over the twilio SDK. Thread-safe: one Client and one pooled Session are
     shared by every thread (size the pool to the dispatcher's concurrency)."""
@@ -158,16 +217,8 @@ class TwilioTransport:
         read_timeout: float = READ_TIMEOUT,
         page_size: int = 50,
     ) -> None:
-        sid, token = settings.twilio_account_sid, settings.twilio_auth_token
-        if not sid or not token:
-            raise TransportConfigError("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set")
-        self._service_sid = settings.twilio_messaging_service_sid
-        self._from = settings.twilio_from_number
-        if not self._service_sid and not self._from:
-            raise TransportConfigError(
-                "set TWILIO_MESSAGING_SERVICE_SID or TWILIO_FROM_NUMBER: the sender"
-            )
-        self._callback = settings.status_callback_url or None
+        self._sender = Sender.from_settings(settings)
+        sid, token = self._sender.account_sid, self._sender.auth_token
         self._page_size = page_size
         self.http_client = BaseUrlHttpClient(
             settings.twilio_api_base_url,
@@ -190,15 +241,7 @@ class TwilioTransport:
         return SendResult(provider_sid=created.sid, status=str(created.status or "queued"))
 
     def _create_args(self, message: OutboundMessage) -> dict[str, Any]:
-        args: dict[str, Any] = {"to": message.to, "body": message.body}
-        if self._service_sid:
-            args["messaging_service_sid"] = self._service_sid
-        else:
-            args["from_"] = self._from
-        if self._callback:
-            sep = "&" if "?" in self._callback else "?"
-            args["status_callback"] = f"{self._callback}{sep}ref={message.reference}"
-        return args
+        return create_args(message, self._sender)
 
     def sent_since(self, *, to: str, since: datetime) -> list[SentRecord] | None:
         """Messages to `to` created at or after `since` (to the second, as Twilio's dates
@@ -209,31 +252,13 @@ class TwilioTransport:
         messages to the number are read and filtered on date_created here; if that many
         all fall in the window, older ones might too, and the answer is "cannot tell".
         Raises ProviderError when the provider cannot answer."""
-        floor = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(UTC)
-        floor = floor.replace(microsecond=0)
         try:
             listed = list(
                 self.messages.stream(to=to, page_size=self._page_size, limit=RECONCILE_LIMIT)
             )
         except EXPECTED as exc:
             raise provider_error(exc) from exc
-        found = [
-            m
-            for m in listed
-            if m.to == to and m.date_created is not None and m.date_created >= floor
-        ]
-        if len(listed) >= RECONCILE_LIMIT and len(found) == len(listed):
-            return None
-        return [
-            SentRecord(
-                provider_sid=m.sid or "",
-                to=m.to or to,
-                body=m.body or "",
-                status=str(m.status or ""),
-                created_at=m.date_created,
-            )
-            for m in found
-        ]
+        return records_since(listed, to=to, since=since)
 
     def close(self) -> None:
         self.http_client.close()

@@ -22,6 +22,7 @@ from engine.settings import Settings
 from engine.store import models as m
 from engine.store.db import make_engine, make_session_factory
 from engine.transports.twilio import TwilioTransport
+from engine.transports.twilio_async import AsyncTwilioTransport
 from tests.integration import outbox_builders as b
 from tests.integration.conftest import SandboxHandle
 
@@ -46,10 +47,15 @@ def sandbox(
     return sandbox_factory(faults=faults, hang_seconds=1.0, delivered_delay_ms=0)
 
 
-@pytest.fixture
-def transport(settings: Settings, sandbox: SandboxHandle) -> Iterator[TwilioTransport]:
-    """The twilio SDK against the sandbox; it gives up waiting for an answer after 0.5 s."""
-    t = TwilioTransport(sandbox.settings_for(settings), read_timeout=0.5)
+@pytest.fixture(params=["threaded", "async"])
+def transport(
+    request: pytest.FixtureRequest, settings: Settings, sandbox: SandboxHandle
+) -> Iterator[TwilioTransport | AsyncTwilioTransport]:
+    """The twilio SDK against the sandbox, on its blocking client (the dispatcher sends from
+    a thread pool) and on its async one (coroutines); it gives up waiting for an answer
+    after 0.5 s."""
+    kind = TwilioTransport if request.param == "threaded" else AsyncTwilioTransport
+    t = kind(sandbox.settings_for(settings), read_timeout=0.5)
     yield t
     t.close()
 
