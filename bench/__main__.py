@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from bench import all as suite
 from bench import decide, dryrun, population, sandbox, scale, sending, webhooks
 
 COMMANDS = {
+    "all": suite.main,
     "decide": decide.main,
     "dryrun": dryrun.main,
     "population": population.main,

@@ -69,6 +69,7 @@ class PlanReport:
     patients_seen: int = 0
     expired: int = 0
     duration: float = 0.0
+    processes: int = 1
 
     @property
     def inserted(self) -> int:
@@ -87,6 +88,7 @@ class PlanReport:
             "already_present": self.already_present,
             "expired": self.expired,
             "duration_seconds": round(self.duration, 3),
+            "processes": self.processes,
             "skipped": dict(self.skipped),
             "campaigns": {cid: _campaign_json(c) for cid, c in sorted(self.campaigns.items())},
         }
@@ -168,6 +170,7 @@ def plan(
         from engine import planner_parallel  # imported here: it imports this module
 
         ranges = planner_parallel.id_ranges(session_factory, processes)
+        report.processes = len(ranges)
         if len(ranges) > 1:
             planner_parallel.plan_ranges(tick, ranges, batch_size)
         else:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_CACHE_KIB = 65_536  # per connection; the default 2 MiB thrashes on large outboxes
 _MIGRATION_LOCK = zlib.crc32(b"engage-migrations")
 
 
@@ -54,6 +55,7 @@ def make_engine(url: str, *, sqlite_immediate: bool = False, **kwargs: Any) -> E
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
