@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -30,6 +31,7 @@ def _build(rt: Runtime) -> tuple[Any, Transport]:
 def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
     from engine.worker import Worker, WorkerConfig, default_worker_id
 
+    lower_priority(rt.settings.worker_nice)
     session_factory, transport = _build(rt)
     options["worker_id"] = options.get("worker_id") or default_worker_id()
     options["plan_interval"] = options.get("plan_interval") or None
@@ -46,6 +48,14 @@ def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
         clock=clock,
         plan_session_factory=rt.session_factory,
     )
+
+
+def lower_priority(increment: int) -> None:
+    """Planning and dispatching are batch work; answering Twilio's webhooks (STOP above
+    all) is not. Where both share a host's cores, the worker yields the CPU to the web
+    server (ENGAGE_WORKER_NICE, default 10; 0 leaves the priority alone)."""
+    if increment > 0 and hasattr(os, "nice"):
+        os.nice(increment)
 
 
 def _stop_while_starting() -> threading.Event:

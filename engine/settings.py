@@ -38,6 +38,8 @@ class Settings:
     login_rate_per_minute: int = 10
     # Processes a planner tick may use for a large population (engine.planner_parallel).
     plan_processes: int = 1
+    # Niceness added by `engage worker` and `engage dispatch` (the web server keeps its own).
+    worker_nice: int = 10
     # Master keys that only unwrap (during and after a rotation, docs/operations.md): by
     # value (base64, comma-separated) and as files (mode 0600, os.pathsep-separated).
     previous_master_keys: str | None = None
@@ -73,6 +75,7 @@ class Settings:
             page_rate_per_minute=int(env.get("ENGAGE_PAGE_RATE", "30")),
             login_rate_per_minute=int(env.get("ENGAGE_LOGIN_RATE", "10")),
             plan_processes=max(1, int(env.get("ENGAGE_PLAN_PROCESSES", os.cpu_count() or 1))),
+            worker_nice=max(0, int(env.get("ENGAGE_WORKER_NICE", "10"))),
             previous_master_keys=env.get("ENGAGE_PREVIOUS_MASTER_KEYS") or None,
             previous_master_key_files=tuple(
                 Path(p)

@@ -257,6 +257,7 @@ def engage(db_url: str, tmp_path: Path, definitions: Path) -> Engage:
             "ENGAGE_VAR_DIR": str(tmp_path / "var"),
             "ENGAGE_DEFINITIONS_DIR": str(definitions),
             "ENGAGE_PUBLIC_URL": "https://rh.example",
+            "ENGAGE_WORKER_NICE": "0",  # in-process: would lower the test run's priority
         }
     )
     run("init")

@@ -349,6 +349,7 @@ def test_engage_dispatch_once(
         "TWILIO_API_BASE_URL": sandbox.url,
         "ENGAGE_STATUS_CALLBACK_URL": "",
         "ENGAGE_SEND_RATE": "0",
+        "ENGAGE_WORKER_NICE": "0",  # in-process: would lower the test run's priority
     }
     at = (ob.now + timedelta(seconds=5)).isoformat()
     result = CliRunner().invoke(main, ["dispatch", "--once", "--at", at], env=env)
