@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -36,6 +37,10 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+# Rows the dispatcher may claim (engine.outbox_status.WAITING), as SQL: the claim's
+# condition must read exactly so for SQLite to use the partial index below.
+WAITING_SQL = "status IN ('deferred', 'queued')"
 
 # 64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -245,6 +250,15 @@ class Outbox(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         Index(None, "status", "send_at"),
+        # The dispatcher's claim: due rows in (send_at, id) order, read straight off this
+        # partial index instead of sorting every waiting row (a second per claim at 1M).
+        Index(
+            "ix_outbox_due",
+            "send_at",
+            "id",
+            postgresql_where=text(WAITING_SQL),
+            sqlite_where=text(WAITING_SQL),
+        ),
         Index(None, "patient_id", "status"),
         Index(None, "patient_id", "sent_at"),
         Index(None, "campaign_id", "status"),

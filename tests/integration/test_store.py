@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
@@ -61,7 +62,7 @@ def test_migrations_create_the_model_schema(db_url: str) -> None:
         assert current_revision(engine) is None
         upgrade(engine)
         upgrade(db_url)  # a second run is a no-op, from a URL too
-        assert current_revision(db_url) == head_revision() == "0006"
+        assert current_revision(db_url) == head_revision() == "0007"
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, m.Base.metadata) == []
@@ -349,3 +350,26 @@ def test_slots_upsert_by_slot_id(session_factory: sessionmaker[Session]) -> None
         assert queries.upsert_slot(session=session, slot=moved) == "updated"
         session.commit()
         assert session.scalars(select(m.Slot.starts_at)).all() == [T0 + timedelta(hours=1)]
+
+
+def test_the_claim_reads_due_rows_from_the_partial_index(engine: Engine) -> None:
+    """The partial index's condition names exactly the waiting statuses, and the claim's
+    query (as the database plans it) reads its rows in order from that index."""
+    from engine.dispatch_claim import _SQLITE_DUE, due_rows
+    from engine.outbox_status import WAITING
+
+    assert set(re.findall(r"'(\w+)'", m.WAITING_SQL)) == set(WAITING)
+    with Session(engine) as session:
+        if engine.dialect.name == "sqlite":
+            query = str(_SQLITE_DUE).replace(":now", "'2030-01-01'").replace(":limit", "10")
+            plan = " ".join(str(r) for r in session.execute(text(f"EXPLAIN QUERY PLAN {query}")))
+        else:
+            query = (
+                f"SELECT id FROM outbox WHERE {m.WAITING_SQL} AND send_at <= '2030-01-01Z' "
+                "AND campaign_id NOT IN (SELECT campaign_id FROM campaign_states WHERE paused) "
+                "ORDER BY send_at, id LIMIT 10 FOR UPDATE SKIP LOCKED"
+            )
+            session.execute(text("SET LOCAL enable_seqscan = off"))
+            plan = " ".join(str(r) for r in session.execute(text(f"EXPLAIN {query}")))
+        assert "ix_outbox_due" in plan and "TEMP B-TREE" not in plan, plan
+        assert due_rows(session=session, now=T0, limit=10) == []
