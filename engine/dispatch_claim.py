@@ -32,6 +32,7 @@ from engine.core.domain import (
 )
 from engine.crypto import DecryptionError, Keyring
 from engine.definitions import DefinitionSet
+from engine.planner_rows import reason_json
 from engine.store import codec, consent_queries, outbox_queries, queries
 from engine.store import models as m
 from engine.store.defqueries import approved_versions
@@ -316,6 +317,5 @@ def _expired_reason(row: m.Outbox, when: datetime) -> dict[str, Any]:
 
 
 def reasons_json(reasons: Sequence[RuleResult]) -> list[dict[str, Any]]:
-    """Reasons as stored in outbox.reasons (the shape `dry-run --json` prints)."""
-    keys = ("rule", "policy", "effect", "message", "cite")
-    return [{k: getattr(r, k) for k in keys} for r in reasons]
+    """Reasons as stored in outbox.reasons (a fresh list: the row's own)."""
+    return [reason_json(r) for r in reasons]

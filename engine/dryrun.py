@@ -54,6 +54,15 @@ class DryRunSummary:
     unapproved_templates: set[str] = field(default_factory=set)
     audience_errors: int = 0
 
+    def merge(self, other: DryRunSummary) -> None:
+        """Add the counts of another part of the same run (another process's share)."""
+        self.outcomes.update(other.outcomes)
+        self.deciding_rules.update(other.deciding_rules)
+        self.patients_seen += other.patients_seen
+        self.in_audience += other.in_audience
+        self.unapproved_templates |= other.unapproved_templates
+        self.audience_errors += other.audience_errors
+
     def add(self, evaluation: Evaluation) -> None:
         decision = evaluation.decision
         self.outcomes[decision.outcome] += 1

@@ -46,13 +46,7 @@ class CampaignPlan:
 
     def merge(self, other: CampaignPlan) -> None:
         """Add another process's share of the same tick."""
-        mine, theirs = self.summary, other.summary
-        mine.outcomes.update(theirs.outcomes)
-        mine.deciding_rules.update(theirs.deciding_rules)
-        mine.patients_seen += theirs.patients_seen
-        mine.in_audience += theirs.in_audience
-        mine.unapproved_templates |= theirs.unapproved_templates
-        mine.audience_errors += theirs.audience_errors
+        self.summary.merge(other.summary)
         self.statuses.update(other.statuses)
         self.inserted += other.inserted
         self.already_present += other.already_present

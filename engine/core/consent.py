@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 
 from engine.core.domain import ConsentEvent, ConsentState
+
+ConsentRow = tuple[str, str, str, datetime, str | None, str | None]
+"""(purpose, channel, status, occurred_at, legal_basis, method) of one ledger event."""
 
 
 def fold(events: Iterable[ConsentEvent]) -> dict[tuple[str, str], ConsentState]:
@@ -14,28 +18,36 @@ def fold(events: Iterable[ConsentEvent]) -> dict[tuple[str, str], ConsentState]:
     after a grant at the same second still revokes.
     """
     ordered = sorted(enumerate(events), key=lambda pair: (pair[1].occurred_at, pair[0]))
+    return fold_ordered(
+        (e.purpose, e.channel, e.status, e.occurred_at, e.legal_basis, e.method) for _, e in ordered
+    )
+
+
+def fold_ordered(rows: Iterable[ConsentRow]) -> dict[tuple[str, str], ConsentState]:
+    """`fold` of events already in order (by occurrence time, then ledger order), given as
+    plain rows: what a database sorting the ledger hands over."""
     states: dict[tuple[str, str], ConsentState] = {}
-    for _, event in ordered:
-        key = (event.purpose, event.channel)
+    for purpose, channel, status, occurred_at, legal_basis, method in rows:
+        key = (purpose, channel)
         previous = states.get(key)
-        if event.status == "granted":
+        if status == "granted":
             states[key] = ConsentState(
-                purpose=event.purpose,
-                channel=event.channel,
+                purpose=purpose,
+                channel=channel,
                 active=True,
-                legal_basis=event.legal_basis,
-                method=event.method,
-                granted_at=event.occurred_at,
+                legal_basis=legal_basis,
+                method=method,
+                granted_at=occurred_at,
             )
         else:
             states[key] = ConsentState(
-                purpose=event.purpose,
-                channel=event.channel,
+                purpose=purpose,
+                channel=channel,
                 active=False,
                 legal_basis=previous.legal_basis if previous else None,
-                method=event.method,
+                method=method,
                 granted_at=previous.granted_at if previous else None,
-                revoked_at=event.occurred_at,
+                revoked_at=occurred_at,
             )
     return states
 

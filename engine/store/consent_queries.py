@@ -9,7 +9,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from engine.core import domain
-from engine.core.consent import current_consents
+from engine.core.consent import ConsentRow, current_consents, fold_ordered
 from engine.crypto import Keyring
 from engine.store import codec
 from engine.store import models as m
@@ -94,39 +94,26 @@ def consent_states_for_many(
 ) -> dict[int, Mapping[str, domain.ConsentState]]:
     """Current consent for many patients (by row id), one query per chunk of patients.
 
-    The ledger folded as engine.core.consent.fold does (the latest event by occurrence
-    time wins, ties in ledger order; a revocation keeps the basis and grant time it
-    ends), with the database ordering the events. No key is unwrapped: states do not
-    need the evidence.
+    The database orders each ledger as engine.core.consent.fold would (occurrence time,
+    then ledger order) and fold_ordered folds it. No key is unwrapped: states do not need
+    the evidence.
     """
     purposes = tuple(purposes)
-    held: dict[int, dict[str, domain.ConsentState]] = {pid: {} for pid in patient_ids}
+    rows: dict[int, list[ConsentRow]] = {pid: [] for pid in patient_ids}
     e = m.ConsentEvent
-    columns = (e.patient_id, e.purpose, e.status, e.occurred_at, e.legal_basis, e.method)
+    columns = (e.patient_id, e.purpose, e.channel, e.status, e.occurred_at, e.legal_basis)
     order = (e.patient_id, e.occurred_at, e.id)
     for criterion, wanted in id_groups(e.patient_id, patient_ids):
-        stmt = select(*columns).where(criterion, e.channel == channel).order_by(*order)
-        for pid, purpose, status, occurred_at, basis, method in session.execute(stmt):
-            if pid not in wanted:
-                continue
-            states = held[pid]
-            if status == "granted":
-                states[purpose] = domain.ConsentState(
-                    purpose, channel, True, basis, method, occurred_at
-                )
-            else:
-                before = states.get(purpose)
-                states[purpose] = domain.ConsentState(
-                    purpose,
-                    channel,
-                    False,
-                    before.legal_basis if before else None,
-                    method,
-                    before.granted_at if before else None,
-                    occurred_at,
-                )
+        stmt = select(*columns, e.method).where(criterion, e.channel == channel).order_by(*order)
+        for pid, *row in session.execute(stmt):
+            if pid in wanted:
+                rows[pid].append(tuple(row))  # type: ignore[arg-type]
     never = {p: domain.ConsentState(purpose=p, channel=channel) for p in purposes}
-    return {pid: {p: states.get(p) or never[p] for p in purposes} for pid, states in held.items()}
+    out: dict[int, Mapping[str, domain.ConsentState]] = {}
+    for pid, ledger in rows.items():
+        states = fold_ordered(ledger)
+        out[pid] = {p: states.get((p, channel)) or never[p] for p in purposes}
+    return out
 
 
 def consent_keys_for(*, session: Session, patient_ids: Iterable[int]) -> set[ConsentKey]:

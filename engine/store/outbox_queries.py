@@ -62,21 +62,6 @@ def histories_for(
     return recent_for(session=session, patient_ids=patient_ids, now=now, window=window)[0]
 
 
-def queued_for(
-    *,
-    session: Session,
-    patient_ids: Iterable[int],
-    now: datetime,
-    window: timedelta = HISTORY_WINDOW,
-) -> dict[int, list[SentMessage]]:
-    """Rows planned to be sent (queued) to each patient, at their send_at.
-
-    The planner counts them as sent, as it counts the messages it allows earlier in the
-    same tick, so a decision does not depend on which tick planned its neighbours.
-    """
-    return recent_for(session=session, patient_ids=patient_ids, now=now, window=window)[1]
-
-
 def recent_for(
     *,
     session: Session,
@@ -84,7 +69,12 @@ def recent_for(
     now: datetime,
     window: timedelta = HISTORY_WINDOW,
 ) -> tuple[dict[int, History], dict[int, list[SentMessage]]]:
-    """(histories_for, queued_for) of these patients, read in one query per id group."""
+    """The patients' histories (as histories_for) and their rows planned to be sent
+    (queued), at their send_at, in the window; read in one query per id group.
+
+    The planner counts queued rows as sent, as it counts the messages it allows earlier in
+    the same tick, so a decision does not depend on which tick planned its neighbours.
+    """
     o = m.Outbox
     ids = list(patient_ids)
     since = now - window

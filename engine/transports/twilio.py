@@ -70,12 +70,7 @@ class BaseUrlHttpClient(TwilioHttpClient):
         self.timeout = (connect_timeout, read_timeout)  # type: ignore[assignment]
 
     def rewrite(self, url: str) -> str:
-        if self.base_url is None:
-            return url
-        parts = urlsplit(url)
-        if not (parts.hostname or "").endswith("twilio.com"):
-            return url
-        return f"{self.base_url}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+        return rewrite_url(self.base_url, url)
 
     def request(
         self,
@@ -102,6 +97,24 @@ class BaseUrlHttpClient(TwilioHttpClient):
     def close(self) -> None:
         if self.session is not None:
             self.session.close()
+
+
+def rewrite_url(base_url: str | None, url: str) -> str:
+    """`url` sent to `base_url` instead when it addresses *.twilio.com (path and query
+    kept); as is without a base URL or for any other host."""
+    if base_url is None:
+        return url
+    parts = urlsplit(url)
+    if not (parts.hostname or "").endswith("twilio.com"):
+        return url
+    return f"{base_url}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def send_result(created: Any) -> SendResult:
+    """The result of an answered create; ProviderError when it names no message."""
+    if not created.sid:
+        raise ProviderError("answer without a message sid")
+    return SendResult(provider_sid=created.sid, status=str(created.status or "queued"))
 
 
 def redact(text: str) -> str:
@@ -236,9 +249,7 @@ class TwilioTransport:
             created = self.messages.create(**self._create_args(message))
         except EXPECTED as exc:
             raise provider_error(exc) from exc
-        if not created.sid:
-            raise ProviderError("answer without a message sid")
-        return SendResult(provider_sid=created.sid, status=str(created.status or "queued"))
+        return send_result(created)
 
     def _create_args(self, message: OutboundMessage) -> dict[str, Any]:
         return create_args(message, self._sender)

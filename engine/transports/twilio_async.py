@@ -41,6 +41,8 @@ from engine.transports.twilio import (
     create_args,
     provider_error,
     records_since,
+    rewrite_url,
+    send_result,
 )
 
 T = TypeVar("T")
@@ -77,12 +79,7 @@ class BaseUrlAsyncHttpClient(AsyncHttpClient):  # type: ignore[misc]
         self._auth: tuple[tuple[str, str], str] | None = None
 
     def rewrite(self, url: str) -> str:
-        if self.base_url is None:
-            return url
-        parts = urlsplit(url)
-        if not (parts.hostname or "").endswith("twilio.com"):
-            return url
-        return f"{self.base_url}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+        return rewrite_url(self.base_url, url)
 
     def open(self) -> None:
         """Make the session (on the loop thread: aiohttp binds it to the running loop)."""
@@ -204,9 +201,7 @@ class AsyncTwilioTransport:
             created = await self.messages.create_async(**create_args(message, self._sender))
         except EXPECTED as exc:
             raise async_provider_error(exc) from exc
-        if not created.sid:
-            raise ProviderError("answer without a message sid")
-        return SendResult(provider_sid=created.sid, status=str(created.status or "queued"))
+        return send_result(created)
 
     async def sent_since_async(self, *, to: str, since: datetime) -> list[SentRecord] | None:
         """As TwilioTransport.sent_since."""
