@@ -209,6 +209,7 @@ def _claim_row(
     batch.histories[row.patient_id] = History((*history.sent, SentMessage(now, row.purpose)))
     previous = row.claimed_at if row.attempts > 0 else None
     row.status, row.claimed_by, row.claimed_at = status.SENDING, worker_id, now
+    row.send_started_at = None  # this claim's send has not started (engine.dispatch_gate)
     return Claimed(row.id, row.patient_id, record.phone, body, row.attempts, now, previous)
 
 

@@ -46,6 +46,7 @@ class DispatchReport:
     opted_out: int = 0
     retried: int = 0
     released: int = 0
+    withheld: int = 0  # refused by the send gate: an opt-out since the claim
     claim_lost: int = 0
     stranded: int = 0
     batches: int = 0

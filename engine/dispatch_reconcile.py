@@ -1,7 +1,9 @@
 """Crash recovery: rows left `sending` by a worker that died are never blindly resent.
 
-A row whose claim is older than `stale_after` (longer than any send can take) is settled
-by asking the provider what it accepted for that number since the claim:
+A row whose claim is older than `stale_after` (longer than any send can take) and that
+never passed the send gate (no `send_started_at`, engine.dispatch_gate) was never handed
+to the provider: it is queued again to be decided afresh. One that passed is settled by
+asking the provider what it accepted for that number since the claim:
 
     the provider holds the same text to the same number  -> sent, with that sid
     the provider can tell and holds nothing like it       -> queued (it never went out)
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -57,6 +59,7 @@ class StaleRow:
     to: str | None
     body: str | None
     problem: str | None = None
+    started: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ def stale_rows(
 def _open(row: m.Outbox, patient: m.Patient | None, cipher: object) -> StaleRow:
     assert row.claimed_at is not None
     base = StaleRow(row.id, row.claimed_at, row.claimed_by, None, None)
+    if row.send_started_at is None:
+        return replace(base, started=False)
     if patient is None or cipher is None:
         return _with_problem(base, "the patient's data key is destroyed: cannot ask the provider")
     try:
@@ -135,6 +140,8 @@ def _with_problem(row: StaleRow, problem: str) -> StaleRow:
 
 
 def _ask(transport: Transport, row: StaleRow) -> _Answer:
+    if not row.started:
+        return _Answer(())  # never handed over: nothing to ask
     if row.problem or row.to is None or row.body is None:
         return _Answer(None, row.problem or "nothing to ask about")
     try:
@@ -157,9 +164,14 @@ def _settle(
     o = m.Outbox
     for stale, answer in answers:
         same_claim = (o.status == status.SENDING, o.claimed_at == stale.claimed_at)
-        row = session.scalar(select(o).where(o.id == stale.outbox_id, *same_claim))
+        stmt = select(o).where(o.id == stale.outbox_id, *same_claim)
+        if session.get_bind().dialect.name == "postgresql":  # against the send gate's mark
+            stmt = stmt.with_for_update(of=o)
+        row = session.scalar(stmt)
         if row is None:  # settled meanwhile by its worker or another reconciler
             continue
+        if not stale.started and row.send_started_at is not None:
+            continue  # its worker was alive after all, and sent it: settled next time
         report.examined += 1
         report.outbox_ids.append(row.id)
         verdict = _verdict(session, row, stale, answer, now=now, max_attempts=max_attempts)
@@ -190,6 +202,11 @@ def _verdict(
         row.attempts += 1
         row.last_error = f"{claim}; the provider holds it: reconciled as sent"
         return "sent"
+    if not stale.started:
+        row.status, row.claimed_by, row.send_at = status.QUEUED, None, now
+        row.claimed_at = row.claimed_at if row.attempts else None
+        row.last_error = f"{claim}; never handed to the provider: requeued"
+        return "requeued"
     row.attempts += 1
     if row.attempts >= max_attempts:
         row.status = status.FAILED

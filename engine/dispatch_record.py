@@ -11,6 +11,9 @@ reconciliation has taken over meanwhile is left alone (and logged).
     no answer)                        -> queued at now + backoff, attempts + 1;
                                          failed after max_attempts
     worker stopping before the call   -> queued again, claim released
+    withheld by the send gate         -> queued again at now + REVOCATION_MARGIN, to be
+                                         decided afresh (blocked, if the opt-out stands);
+                                         left alone when the opt-out cancelled it already
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from engine import outbox_status as status
 from engine.core.domain import ConsentEvent
 from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
+from engine.dispatch_gate import REVOCATION_MARGIN
 from engine.dispatch_send import SendOutcome, describe, earliest, retry_at
 from engine.store import consent_queries
 from engine.store import models as m
@@ -38,6 +42,14 @@ log = logging.getLogger("engine.dispatch")
 
 DEFAULT_MAX_ATTEMPTS = 6
 OPT_OUT_METHOD = "carrier_opt_out"
+WITHHELD_REASON = {
+    "rule": "withheld-at-send",
+    "policy": "engage",
+    "effect": "defer",
+    "message": "consent was revoked or the number suppressed after the claim: not sent, "
+    "to be decided again",
+    "cite": "47 CFR 64.1200(a)(10)",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ def record_outcomes(
     """Write each outcome onto its row; returns counts by what happened."""
     accepted = [x for x in outcomes if x.result is not None and not x.found and not x.released]
     counts = record_accepted(session=session, outcomes=accepted, ctx=ctx) if accepted else {}
-    others = [x for x in outcomes if x.result is None or x.found or x.released]
+    others = [x for x in outcomes if x.result is None or x.found or x.released or x.withheld]
     if not others:
         return counts
     ids = [x.claimed.outbox_id for x in others]
@@ -66,7 +78,11 @@ def record_outcomes(
     opted_out: dict[int, int] = {}
     for outcome in others:
         row = rows.get(outcome.claimed.outbox_id)
-        if row is None:
+        if row is not None and row.claimed_at != outcome.claimed.claimed_at:
+            row = None  # claimed again since (reconciled, requeued, claimed): not this claim's
+        if row is None and outcome.withheld:
+            what = "withheld"  # cancelled by the opt-out that made the gate refuse it
+        elif row is None:
             log.warning(
                 "dispatch.claim_lost",
                 extra={"fields": {"worker": ctx.worker_id, "outbox_id": outcome.claimed.outbox_id}},
@@ -127,6 +143,12 @@ def record_accepted(
 
 
 def _apply(session: Session, row: m.Outbox, outcome: SendOutcome, ctx: RecordContext) -> str:
+    if outcome.withheld:
+        row.status, row.claimed_by = status.QUEUED, None
+        row.claimed_at = outcome.claimed.previous_claim_at
+        row.send_at = ctx.now + REVOCATION_MARGIN
+        row.reasons = [*row.reasons, WITHHELD_REASON]
+        return "withheld"
     if outcome.released:
         row.status, row.claimed_by = status.QUEUED, None
         row.claimed_at = outcome.claimed.previous_claim_at

@@ -1,8 +1,8 @@
 """The provider call: a per-sender rate limit, one send, and what came of it.
 
 Sends run outside any database transaction, in a thread pool or as coroutines on an async
-transport's event loop; nothing here touches the database (engine.dispatch_record writes
-the outcomes).
+transport's event loop. Each row passes the send gate (engine.dispatch_gate) right before
+its call; engine.dispatch_record writes the outcomes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from engine.dispatch_claim import Claimed
+from engine.dispatch_gate import SendGate
 from engine.transports.base import (
     AsyncTransport,
     OutboundMessage,
@@ -94,7 +95,7 @@ class SendOutcome:
 
     Exactly one of: `result` (accepted), `error` (refused or failed), `found` (an earlier
     attempt was accepted after all: candidates the provider holds), `released` (not sent:
-    the worker is stopping).
+    the worker is stopping), `withheld` (not sent: the gate refused it, engine.dispatch_gate).
     """
 
     claimed: Claimed
@@ -102,6 +103,7 @@ class SendOutcome:
     error: ProviderError | None = None
     found: tuple[SentRecord, ...] = ()
     released: bool = False
+    withheld: bool = False
 
 
 def send_claimed(
@@ -110,8 +112,10 @@ def send_claimed(
     transport: Transport,
     limiter: RateLimiter,
     stop: threading.Event,
+    gate: SendGate,
 ) -> SendOutcome:
-    """Send one claimed row, unless the worker is stopping or an earlier try went out."""
+    """Send one claimed row, unless the worker is stopping, an earlier try went out or the
+    gate refuses it (an opt-out since the claim)."""
     if claimed.previous_claim_at is not None:
         try:
             records = transport.sent_since(to=claimed.to, since=_lookup_since(claimed))
@@ -122,11 +126,23 @@ def send_claimed(
             return SendOutcome(claimed, found=found)
     if stop.is_set() or not limiter.acquire() or stop.is_set():
         return SendOutcome(claimed, released=True)
+    if not gate.admit(claimed).result():
+        return SendOutcome(claimed, withheld=True)
     try:
         result = transport.send(_message(claimed))
     except ProviderError as exc:
         return SendOutcome(claimed, error=exc)
     return SendOutcome(claimed, result=result)
+
+
+class Lanes:
+    """How many rows an async sender works on at once: `calls` provider calls (the
+    concurrency), and twice as many rows past their turn in line, so that the next rows
+    pass the send gate while the previous ones' calls are in flight."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.calls = asyncio.Semaphore(concurrency)
+        self.ahead = asyncio.Semaphore(2 * concurrency)
 
 
 async def send_claimed_async(
@@ -135,14 +151,16 @@ async def send_claimed_async(
     transport: AsyncTransport,
     limiter: RateLimiter,
     stop: threading.Event,
-    slots: asyncio.Semaphore,
+    lanes: Lanes,
+    gate: SendGate,
 ) -> SendOutcome:
-    """send_claimed on the transport's event loop, with at most `slots` rows at once."""
-    async with slots:
+    """send_claimed on the transport's event loop, within `lanes`."""
+    async with lanes.ahead:
         if claimed.previous_claim_at is not None:
             since = _lookup_since(claimed)
             try:
-                records = await transport.sent_since_async(to=claimed.to, since=since)
+                async with lanes.calls:
+                    records = await transport.sent_since_async(to=claimed.to, since=since)
             except ProviderError as exc:
                 return _lookup_failed(claimed, exc)
             found = matching_records(records, to=claimed.to, body=claimed.body)
@@ -150,8 +168,11 @@ async def send_claimed_async(
                 return SendOutcome(claimed, found=found)
         if stop.is_set() or not await _await_slot(limiter.reserve(), stop) or stop.is_set():
             return SendOutcome(claimed, released=True)
+        if not await asyncio.wrap_future(gate.admit(claimed)):
+            return SendOutcome(claimed, withheld=True)
         try:
-            result = await transport.send_async(_message(claimed))
+            async with lanes.calls:
+                result = await transport.send_async(_message(claimed))
         except ProviderError as exc:
             return SendOutcome(claimed, error=exc)
         return SendOutcome(claimed, result=result)
@@ -164,7 +185,8 @@ async def send_batch_async(
     transport: AsyncTransport,
     limiter: RateLimiter,
     stop: threading.Event,
-    slots: asyncio.Semaphore,
+    lanes: Lanes,
+    gate: SendGate,
 ) -> None:
     """send_claimed_async for each row of a batch, each outcome set on its future (one
     hand-over to the event loop per batch instead of one per row)."""
@@ -172,7 +194,7 @@ async def send_batch_async(
     async def one(claimed: Claimed, future: Future[SendOutcome]) -> None:
         try:
             outcome = await send_claimed_async(
-                claimed, transport=transport, limiter=limiter, stop=stop, slots=slots
+                claimed, transport=transport, limiter=limiter, stop=stop, lanes=lanes, gate=gate
             )
         except Exception as exc:  # passed on, as an executor would: the row stays `sending`
             future.set_exception(exc)

@@ -13,7 +13,9 @@ One batch (`dispatch_batch`) is three steps:
 
 2. Send, outside any transaction, under a per-sender rate limit (engine.dispatch_send):
    as coroutines on an async transport's event loop (engine.transports.twilio_async),
-   else in a thread pool.
+   else in a thread pool. Right before its provider call each row passes the send gate
+   (engine.dispatch_gate): a guarded mark `send_started_at` that an opt-out acknowledged
+   since the claim makes fail, so the row is withheld instead of sent.
 
 3. Record, in short transactions as sends complete (engine.dispatch_record): everything
    completed since the last record transaction, at most RECORD_CHUNK rows and at most
@@ -43,7 +45,6 @@ Paused campaigns' rows are not claimed, and not cancelled: they wait for the res
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import threading
@@ -61,10 +62,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
 from engine.dispatch_claim import Claimed, claim_due
+from engine.dispatch_gate import SendGate
 from engine.dispatch_pipeline import DispatchReport, Pipeline
 from engine.dispatch_reconcile import ReconcileReport, reconcile_stale
 from engine.dispatch_record import DEFAULT_MAX_ATTEMPTS, RecordContext
-from engine.dispatch_send import RateLimiter, SendOutcome, send_batch_async, send_claimed
+from engine.dispatch_send import (
+    Lanes,
+    RateLimiter,
+    SendOutcome,
+    send_batch_async,
+    send_claimed,
+)
 from engine.transports.base import AsyncTransport, Transport, is_async
 
 __all__ = [
@@ -123,15 +131,17 @@ def dispatch_until_idle(
     started = time.perf_counter()
     stop = stop or threading.Event()
     limiter = limiter or RateLimiter(None)
+    gate = SendGate(session_factory, worker_id, clock)
     with ExitStack() as resources:
+        resources.callback(gate.close)
         if is_async(transport):
-            slots = asyncio.Semaphore(concurrency)
+            lanes = Lanes(concurrency)
             a = cast(AsyncTransport, transport)
 
             def submit(batch: list[Claimed]) -> list[Future[SendOutcome]]:
                 futures: list[Future[SendOutcome]] = [Future() for _ in batch]
                 a.submit(send_batch_async(batch, futures, transport=a, limiter=limiter,
-                                          stop=stop, slots=slots))  # fmt: skip
+                                          stop=stop, lanes=lanes, gate=gate))  # fmt: skip
                 return futures
         else:
             pool = resources.enter_context(
@@ -140,7 +150,8 @@ def dispatch_until_idle(
 
             def submit(batch: list[Claimed]) -> list[Future[SendOutcome]]:
                 return [
-                    pool.submit(send_claimed, c, transport=transport, limiter=limiter, stop=stop)
+                    pool.submit(send_claimed, c, transport=transport, limiter=limiter, stop=stop,
+                                gate=gate)
                     for c in batch
                 ]
 

@@ -36,6 +36,7 @@ from engine.core.inbound import (
 from engine.crypto import Keyring, PatientCipher
 from engine.definitions import DefinitionSet
 from engine.dispatch_claim import PROGRAM_CAMPAIGN, PROGRAM_REPLY_RULE
+from engine.dispatch_gate import withdrawable
 from engine.dispatch_record import RecordContext, revoke_for_carrier_opt_out
 from engine.store import consent_queries, queries
 from engine.store import models as m
@@ -67,6 +68,9 @@ class InboundResult:
     patients: int = 0
     queued_reply: str | None = None
     inline_reply: str | None = None
+    # An opt-out's patients: texts of theirs already on the way to the provider are
+    # waited for (engine.dispatch_gate.wait_for_sends) before the opt-out is answered.
+    opted_out: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,10 @@ def handle_inbound(
     """Store the text once (by MessageSid) and act on it: opt-out, opt-in, help or nothing."""
     kind = classify(message.body, message.opt_out_type)
     sender = _sender(session, keyring, message.from_number)
+    opted_out = tuple(p.id for p in sender.patients) if kind == "opt_out" else ()
     if not _store(session, message, sender, kind, now):
-        return InboundResult(kind, duplicate=True, patients=len(sender.patients))
+        return InboundResult(kind, duplicate=True, patients=len(sender.patients),
+                             opted_out=opted_out)  # fmt: skip
     reply: str | None = None
     if kind == "opt_out":
         reply = _opt_out(session, keyring, defs, message, sender, now)
@@ -94,12 +100,14 @@ def handle_inbound(
     elif kind == "help":
         reply = "help"
     if reply is None:
-        return InboundResult(kind, patients=len(sender.patients))
+        return InboundResult(kind, patients=len(sender.patients), opted_out=opted_out)
     if not sender.patients:
         text = defs.program.text(reply, defs.program.default_locale)
         return InboundResult(kind, inline_reply=text)
     _queue_reply(session, defs, message, sender, reply, now)
-    return InboundResult(kind, patients=len(sender.patients), queued_reply=reply)
+    return InboundResult(
+        kind, patients=len(sender.patients), queued_reply=reply, opted_out=opted_out
+    )
 
 
 def _sender(session: Session, keyring: Keyring, e164: str) -> _Sender:
@@ -253,12 +261,13 @@ def _record(
 
 
 def _cancel_pending(session: Session, patient_ids: list[int], sid: str, now: datetime) -> int:
-    """Every queued or deferred row of these patients but an opt-out confirmation (which
-    a repeated STOP must not cancel); other program replies (HELP, START) go too."""
+    """Every row of these patients not yet handed to the provider (waiting, or claimed and
+    not started: engine.dispatch_gate) but an opt-out confirmation (which a repeated STOP
+    must not cancel); other program replies (HELP, START) go too."""
     if not patient_ids:
         return 0
     o = m.Outbox
-    stmt = select(o).where(o.patient_id.in_(patient_ids), o.status.in_(sorted(status.WAITING)))
+    stmt = select(o).where(o.patient_id.in_(patient_ids), withdrawable())
     confirmation = (o.campaign_id == PROGRAM_CAMPAIGN) & o.idempotency_key.like("program/%/stop")
     stmt = stmt.where(~confirmation)
     if session.get_bind().dialect.name == "postgresql":

@@ -26,6 +26,7 @@ from engine import outbox_status as status
 from engine.core.inbound import KEYWORD_METHODS
 from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
+from engine.dispatch_gate import withdrawable
 from engine.store import consent_queries, queries
 from engine.store import models as m
 from engine.store.codec import PatientErased, UnknownPatient
@@ -279,9 +280,10 @@ def _cancel_pending(session: Session, pid: int, now: datetime) -> int:
         "message": "the patient's data was erased",
         "cite": "GDPR Art. 17",
     }
-    rows = list(
-        session.scalars(select(o).where(o.patient_id == pid, o.status.in_(sorted(status.WAITING))))
-    )
+    stmt = select(o).where(o.patient_id == pid, withdrawable())
+    if session.get_bind().dialect.name == "postgresql":  # against the send gate's mark
+        stmt = stmt.with_for_update(of=o)
+    rows = list(session.scalars(stmt))
     for row in rows:
         row.status, row.decided_at = status.CANCELLED, now
         row.reasons = [*row.reasons, reason]

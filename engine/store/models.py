@@ -293,6 +293,9 @@ class Outbox(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None]
+    # Set, guarded, just before the provider call (engine.dispatch_gate): a `sending` row
+    # without it was never handed to the provider and may still be withdrawn.
+    send_started_at: Mapped[datetime | None]
     error_code: Mapped[int | None] = mapped_column(Integer)
     provider_status: Mapped[str | None] = mapped_column(String(16))
     decided_at: Mapped[datetime | None]

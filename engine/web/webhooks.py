@@ -16,14 +16,18 @@ attempt's row and is answered as a duplicate, not with a 500.
 
 from __future__ import annotations
 
+import logging
 import re
 from xml.sax.saxutils import escape
 
 from flask import Blueprint, Response, abort, current_app, request
 from twilio.request_validator import RequestValidator
 
+from engine.dispatch_gate import wait_for_sends
 from engine.inbound import InboundSms, StatusReport, handle_inbound, handle_status
 from engine.web import now_of, runtime_of
+
+log = logging.getLogger("engine.inbound")
 
 webhooks = Blueprint("twilio_webhooks", __name__, url_prefix="/twilio")
 
@@ -106,6 +110,10 @@ def inbound() -> Response:
         result = handle_inbound(
             session=session, keyring=rt.keyring, defs=defs, message=message, now=now_of(current_app)
         )
+    if result.opted_out:  # answered once no text of theirs is still on its way
+        left = wait_for_sends(session_factory=rt.write_sessions, patient_ids=result.opted_out)
+        if left:
+            log.warning("inbound.opt_out_sends_unsettled", extra={"fields": {"rows": left}})
     return _twiml(result.inline_reply)
 
 

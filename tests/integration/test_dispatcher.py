@@ -273,7 +273,7 @@ def test_stale_sending_row_the_sandbox_holds_is_reconciled_as_sent(
     [row_id] = ob.rows([phone(30)])
     # A worker claimed it, the sandbox accepted it, then the worker died before recording.
     result = transport.send(OutboundMessage(phone(30), b.body_text(0), str(row_id)))
-    ob.set(row_id, status=st.SENDING, claimed_by="dead", claimed_at=ob.now)
+    ob.set(row_id, status=st.SENDING, claimed_by="dead", claimed_at=ob.now, send_started_at=ob.now)
     fresh = reconcile_stale(
         session_factory=ob.sf,
         keyring=ob.keyring,
@@ -298,7 +298,7 @@ def test_stale_sending_row_the_sandbox_lacks_is_requeued_and_sent_once(
     ob: Outbox, sandbox: SandboxHandle, transport: TwilioTransport
 ) -> None:
     [row_id] = ob.rows([phone(31)])
-    ob.set(row_id, status=st.SENDING, claimed_by="dead", claimed_at=ob.now)
+    ob.set(row_id, status=st.SENDING, claimed_by="dead", claimed_at=ob.now, send_started_at=ob.now)
     later = ob.now + timedelta(minutes=3)
     report = reconcile_stale(
         session_factory=ob.sf, keyring=ob.keyring, transport=transport, now=later
@@ -313,7 +313,7 @@ def test_stale_sending_row_on_a_transport_that_cannot_tell_becomes_unknown(
     ob: Outbox, sandbox: SandboxHandle
 ) -> None:
     [row_id] = ob.rows([phone(32)])
-    ob.set(row_id, status=st.SENDING, claimed_by="dead", claimed_at=ob.now)
+    ob.set(row_id, status=st.SENDING, claimed_by="dead", claimed_at=ob.now, send_started_at=ob.now)
     report = reconcile_stale(
         session_factory=ob.sf,
         keyring=ob.keyring,
