@@ -150,8 +150,9 @@ def dispatch_until_idle(
 
             def submit(batch: list[Claimed]) -> list[Future[SendOutcome]]:
                 return [
-                    pool.submit(send_claimed, c, transport=transport, limiter=limiter, stop=stop,
-                                gate=gate)
+                    pool.submit(
+                        send_claimed, c, transport=transport, limiter=limiter, stop=stop, gate=gate
+                    )
                     for c in batch
                 ]
 

@@ -150,9 +150,7 @@ def test_an_erased_patient_claimed_row_is_cancelled_and_never_passes(ob: Outbox)
     pid = ob.get(row_id).patient_id
     with ob.sf.begin() as session:
         session.execute(
-            m.Patient.__table__.update()
-            .where(m.Patient.id == pid)
-            .values(erased_at=ob.now)
+            m.Patient.__table__.update().where(m.Patient.id == pid).values(erased_at=ob.now)
         )
     assert _start(ob, [row_id]) == set()
 
