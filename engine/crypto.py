@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -31,6 +32,7 @@ import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -287,7 +289,7 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(master_key_id={self.master_key_id!r})"
 
-    @property
+    @cached_property  # compared on every unwrap
     def master_key_id(self) -> str:
         return key_id(self.master_key)
 
@@ -299,14 +301,14 @@ class Keyring:
     def wrap(self, dek: bytes, *, patient_id: str) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
         aad = DEK_AAD_PREFIX + patient_id.encode()
-        return nonce + AESGCM(self.master_key).encrypt(nonce, dek, aad)
+        return nonce + _master_aead(self.master_key).encrypt(nonce, dek, aad)
 
     def unwrap(self, wrapped: bytes, *, patient_id: str, master_key_id: str | None = None) -> bytes:
         """The data key inside `wrapped`; DecryptionError when it was not wrapped for them."""
         key = self._master_for(master_key_id)
         wrapped = bytes(wrapped)
         try:
-            return AESGCM(key).decrypt(
+            return _master_aead(key).decrypt(
                 wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], DEK_AAD_PREFIX + patient_id.encode()
             )
         except InvalidTag as exc:
@@ -346,6 +348,12 @@ class Keyring:
             return self.previous_master_keys[master_key_id]
         except KeyError as exc:
             raise DecryptionError(f"master key {master_key_id} is not loaded") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _master_aead(key: bytes) -> AESGCM:
+    """The AES-GCM instance of a master key, made once (a planner unwraps a key per patient)."""
+    return AESGCM(key)
 
 
 def index_version(value: str) -> int:

@@ -14,7 +14,9 @@ from itertools import islice
 from typing import Any
 
 from engine.core import schedule
-from engine.core.cel_context import CompiledExpression, audience_variables
+from engine.core.audience_memo import AudienceMemo, audience_memo
+from engine.core.cel_context import CompiledExpression
+from engine.core.cel_variables import LazyAudienceVariables, local_today
 from engine.core.domain import (
     Appointment,
     Campaign,
@@ -144,12 +146,36 @@ def in_audience(
     at: datetime,
     summary: DryRunSummary,
 ) -> bool:
-    """The campaign's audience `where`; an error evaluating it leaves the patient out."""
+    """The campaign's audience `where`; an error evaluating it leaves the patient out.
+    Results are remembered by the facts the audience reads (engine.core.audience_memo)."""
+    patient = candidate.patient
     try:
-        return audience.evaluate(audience_variables(candidate.patient, anchor, at)) is True
+        memo = _memo_of(audience)
+        if memo is None:
+            variables = LazyAudienceVariables(patient, anchor, at)
+            return audience.evaluate_memoized(variables) is True
+        local_today(at, patient.zones[0])  # a zone that does not exist fails, as it would
+        key = memo.key(patient, anchor, at)
+        known = memo.remembered(key)
+        if known is None:
+            known = audience.evaluate(LazyAudienceVariables(patient, anchor, at)) is True
+            memo.remember(key, known)
+        return known
     except RULE_ERRORS:
         summary.audience_errors += 1
         return False
+
+
+_MEMOS: dict[int, tuple[CompiledExpression, AudienceMemo | None]] = {}
+
+
+def _memo_of(audience: CompiledExpression) -> AudienceMemo | None:
+    entry = _MEMOS.get(id(audience))
+    if entry is None or entry[0] is not audience:  # not another's, whose id was reused
+        if len(_MEMOS) >= 256:
+            _MEMOS.clear()
+        entry = _MEMOS[id(audience)] = (audience, audience_memo(audience.uses))
+    return entry[1]
 
 
 def decision_json(evaluation: Evaluation) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from engine.crypto import Keyring, PatientCipher
 from engine.definitions import DefinitionSet
 from engine.dryrun import Candidate, DryRunSummary, anchors_of, in_audience
 from engine.outbox_status import QUEUED
-from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row
+from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row, sealed_fields
 from engine.store import consent_queries, outbox_insert, outbox_queries, queries
 from engine.store.defqueries import approved_versions
 
@@ -212,18 +212,19 @@ def _active_campaigns(
 
 def plan_patients(tick: Tick, batch_size: int, where: Any = None) -> None:
     """Plan the patients matching `where` (a criterion on models.Patient; None: all)."""
+    sealed = sealed_fields(tick.rows.defs, tick.campaigns)
     with tick.session_factory() as reader:
-        stream = _candidates(reader, tick.keyring, batch_size, where)
+        stream = _candidates(reader, tick.keyring, batch_size, where, sealed)
         while batch := list(islice(stream, batch_size)):
             tick.report.patients_seen += len(batch)
             _plan_batch(tick, batch)
 
 
 def _candidates(
-    session: Session, keyring: Keyring, batch_size: int, where: Any
+    session: Session, keyring: Keyring, batch_size: int, where: Any, sealed: frozenset[str]
 ) -> Iterator[Candidate]:
     patients = queries.iter_patients(
-        session=session, keyring=keyring, batch_size=batch_size, where=where
+        session=session, keyring=keyring, batch_size=batch_size, where=where, sealed=sealed
     )
     for data in patients:
         yield Candidate(data.id, data.patient, data.prescriptions, data.appointments, data.cipher)

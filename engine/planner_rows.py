@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
@@ -22,7 +22,9 @@ from engine.crypto import PatientCipher, new_token
 from engine.definitions import DefinitionSet
 from engine.dryrun import Anchor, preview_link
 from engine.evaluate import Evaluation, evaluate_occurrence
+from engine.store.codec import SEALED_FIELDS
 from engine.store.outbox_queries import body_field
+from engine.variables import SEALED_SOURCES, VARIABLES
 
 # TCPA: a revocation by any reasonable means must be honoured; erasure keeps the number here.
 SUPPRESSED = RuleResult(
@@ -72,6 +74,26 @@ class RowContext:
     public_url: str
 
 
+def sealed_fields(defs: DefinitionSet, campaigns: Iterable[Campaign]) -> frozenset[str]:
+    """The sealed patient fields planning these campaigns reads (the others need not be
+    decrypted): the birth date (ages), and a name or a medication when a variant of a
+    campaign's template, or its audience, reads it. Every field for a template reading a
+    variable not known here."""
+    needed = {"birth_date"}
+    for campaign in campaigns:
+        for (template_id, _), compiled in defs.compiled_templates.items():
+            if template_id != campaign.template:
+                continue
+            if not set(compiled.reads) <= VARIABLES:
+                return SEALED_FIELDS
+            needed.update(SEALED_SOURCES[n] for n in compiled.reads if n in SEALED_SOURCES)
+        audience = defs.audiences.get(campaign.id)
+        reads = audience.uses.reads.values() if audience is not None else ()
+        if any(r.name == "prescription" and r.path[:1] in ((), ("medication",)) for r in reads):
+            needed.add("medication")
+    return frozenset(needed)
+
+
 def reason_json(r: RuleResult) -> dict[str, Any]:
     return {
         "rule": r.rule,
@@ -99,13 +121,29 @@ def expired_reason(expires_at: datetime) -> RuleResult:
     )
 
 
+_REASONS: dict[int, tuple[Decision, tuple[RuleResult, ...]]] = {}
+
+
+def _reasons(decision: Decision) -> tuple[RuleResult, ...]:
+    """decision.reasons, kept for the decisions shared by many rows (engine.core.policy_memo)
+    so that they are the same tuple, whose stored form reasons_json makes once."""
+    known = _REASONS.get(id(decision))
+    if known is not None and known[0] is decision:  # not another's, whose id was reused
+        return known[1]
+    if len(_REASONS) >= 4096:
+        _REASONS.clear()
+    reasons = decision.reasons
+    _REASONS[id(decision)] = (decision, reasons)
+    return reasons
+
+
 def placement(
     decision: Decision, decided_for: datetime, expires_at: datetime
 ) -> tuple[str, datetime | None, tuple[RuleResult, ...]]:
     """(status, send_at, reasons) for a decision: allow queues at the decision time, defer
     waits for the deferring rule (re-decided at dispatch), deny blocks; a deferral that
     lands at or past the expiry is expired at once."""
-    reasons = decision.reasons
+    reasons = _reasons(decision)
     if decision.outcome == "allow":
         return st.QUEUED, decided_for, reasons
     if decision.outcome == "deny":

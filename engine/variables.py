@@ -14,6 +14,16 @@ _MONTHS = {
 }
 
 PREVIEW_LINK_TOKEN = "PREVIEW-not-a-real-link"
+SEALED_SOURCES = {
+    "given_name": "given_name",
+    "family_name": "family_name",
+    "medication": "medication",
+}
+"""Template variables filled from a sealed field (engine.store.codec), by that field."""
+VARIABLES = frozenset(SEALED_SOURCES) | {"program_name", "support_contact", "opt_out", "link"}
+VARIABLES |= {"medication_class", "refill_due", "appointment_date", "appointment_time"}
+VARIABLES |= {"appointment_kind", "provider", "location"}
+"""Every variable template_variables fills."""
 
 
 def format_date(day: date, language: str) -> str:

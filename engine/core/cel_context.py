@@ -15,12 +15,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 import cel
 
+from engine.core.cel_uses import (  # re-exported: what expressions read
+    BOUND,
+    UNBOUND,
+    Path,
+    PolicyError,
+    Read,
+    Uses,
+    bind,
+    flat_name,
+    flatten_source,
+    scan_uses,
+)
 from engine.core.cel_variables import (  # re-exported: the variables' names and builders
     APPOINTMENT_FIELDS,
     AUDIENCE_NAMES,
@@ -50,94 +62,52 @@ from engine.core.cel_variables import (  # re-exported: the variables' names and
 )
 
 __all__ = [
-    "APPOINTMENT_FIELDS", "AUDIENCE_NAMES", "CONSENT_FIELDS", "DAY", "DEFAULT_PURPOSES",
-    "HISTORY_FIELDS", "LOCAL_FIELDS", "MESSAGE_FIELDS", "PATIENT_FIELDS", "POLICY_NAMES",
-    "PRESCRIPTION_FIELDS", "RECORD_MAPS", "SAMPLE_NOW", "WEEK", "CompiledExpression", "Names",
-    "PolicyError", "Uses", "audience_variables", "bind", "compile_expression",
-    "consent_vars", "flat_name", "history_vars", "local_vars", "message_vars", "patient_vars",
-    "policy_variables", "sample_audience_variables", "sample_patient",
-    "sample_policy_variables",
+    "APPOINTMENT_FIELDS", "AUDIENCE_NAMES", "BOUND", "CONSENT_FIELDS", "DAY",
+    "DEFAULT_PURPOSES", "HISTORY_FIELDS", "LOCAL_FIELDS", "MESSAGE_FIELDS", "PATIENT_FIELDS",
+    "POLICY_NAMES", "PRESCRIPTION_FIELDS", "RECORD_MAPS", "SAMPLE_NOW", "UNBOUND", "WEEK",
+    "CompiledExpression", "Names", "Path", "PolicyError", "Read", "Uses", "audience_variables",
+    "bind", "compile_expression", "consent_vars", "flat_name", "flatten_source", "history_vars",
+    "local_vars", "message_vars", "patient_vars", "policy_variables",
+    "sample_audience_variables", "sample_patient", "sample_policy_variables", "scan_uses",
 ]  # fmt: skip
-
-
-class PolicyError(ValueError):
-    """A policy definition that cannot be compiled; `line` is the rule's line in its file."""
-
-    def __init__(self, message: str, line: int | None = None, *, rule: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.line = line
-        self.rule = rule
-
-
-Path = tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Uses:
-    """What expressions read: names used whole, and name -> the paths read as `name.a.b`.
-
-    A path read is compiled as the flat variable `name__a__b`: the cel module converts a
-    top-level variable several times faster than a map entry, and only read paths are built.
-    """
-
-    whole: frozenset[str] = frozenset()
-    fields: Mapping[str, frozenset[Path]] = field(default_factory=dict)
-
-    @property
-    def names(self) -> frozenset[str]:
-        return self.whole | frozenset(self.fields)
-
-    @cached_property
-    def flat_names(self) -> dict[str, tuple[tuple[Path, str], ...]]:
-        return {n: tuple((p, flat_name(n, p)) for p in paths) for n, paths in self.fields.items()}
-
-    def __or__(self, other: Uses) -> Uses:
-        merged = dict(self.fields)
-        for name, read in other.fields.items():
-            merged[name] = merged.get(name, frozenset()) | read
-        return Uses(self.whole | other.whole, merged)
-
-
-def flat_name(name: str, path: Path) -> str:
-    return "__".join((name, *path))
-
-
-def bind(variables: Mapping[str, Any], uses: Uses) -> dict[str, Any]:
-    """The activation of compiled expressions from nested variables; a path through a null
-    record (an absent anchor) is null."""
-    out = {name: variables[name] for name in uses.whole}
-    for name, pairs in uses.flat_names.items():
-        for path, flat in pairs:
-            value = variables[name]
-            for key in path:
-                value = None if value is None else value[key]
-            out[flat] = value
-    return out
 
 
 @dataclass(frozen=True)
 class CompiledExpression:
-    """A CEL expression compiled once (with `name.field` reads rewritten to flat names)."""
+    """A CEL expression compiled once, with its reads rewritten to flat names (see
+    engine.core.cel_uses); `fallback` is the expression as written, for indexed reads that
+    are not plain map entries."""
 
     source: str
     where: str
     program: cel.Program = field(repr=False, compare=False)
-    uses: Uses = Uses()
-
-    def evaluate(self, variables: Mapping[str, Any]) -> Any:
-        """Evaluate on nested variables, as policy_variables or audience_variables build."""
-        return self.program.execute(bind(variables, self.uses))
-
+    uses: Uses = field(default_factory=Uses)
+    fallback: CompiledExpression | None = field(default=None, repr=False, compare=False)
     results: dict[tuple[Any, ...], Any] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
     """Results by the values of `key_names` (see `run_memoized`)."""
 
-    def run(self, activation: cel.Context) -> Any:
+    def evaluate(self, variables: Mapping[str, Any]) -> Any:
+        """Evaluate on nested variables, as policy_variables or audience_variables build."""
+        flat = bind(variables, self.uses)
+        if self.fallback is not None and self.unbound(flat):
+            return self.fallback.evaluate(variables)
+        return self.program.execute(flat)
+
+    def evaluate_memoized(self, variables: Mapping[str, Any]) -> Any:
+        """`evaluate`, remembering results as `run_memoized` does."""
+        flat = bind(variables, self.uses)
+        return self.run_memoized(flat, lambda: flat, lambda: variables)
+
+    def run(self, activation: cel.Context | Mapping[str, Any]) -> Any:
         """Evaluate on a prebuilt activation: `cel.Context(bind(variables, uses))` for these
         uses or a superset (build one per decision and share it among expressions)."""
         return self.program.execute(activation)
+
+    def unbound(self, flat: Mapping[str, Any]) -> bool:
+        """Whether an indexed read has no plain value in `flat` (then: `fallback`)."""
+        return any(flat[name] is UNBOUND for name in self.uses.indexed_names)
 
     @cached_property
     def key_names(self) -> tuple[str, ...] | None:
@@ -145,13 +115,24 @@ class CompiledExpression:
         name used whole, no macro variable): its result is a function of their values."""
         if self.uses.whole:
             return None
-        return tuple(sorted(f for pairs in self.uses.flat_names.values() for _, f in pairs))
+        return tuple(sorted(self.uses.reads))
 
-    def run_memoized(self, flat: Mapping[str, Any], activation: Callable[[], cel.Context]) -> Any:
+    def run_memoized(
+        self,
+        flat: Mapping[str, Any],
+        activation: Callable[[], cel.Context | Mapping[str, Any]],
+        nested: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> Any:
         """`run`, remembering the result by the values of `key_names` in `flat` (the flat
-        variables of the activation): most decisions of a tick share them (a purpose, an
-        encoding, a country), and evaluating CEL is the larger part of deciding. Errors are
-        not remembered (they raise again); at MEMO_LIMIT results the memo starts over."""
+        variables of the activation, which may compute them as they are read): most
+        decisions of a tick share them (a purpose, an encoding, a country, a consent's legal
+        basis), and evaluating CEL is the larger part of deciding. Errors are not
+        remembered (they raise again); at MEMO_LIMIT results the memo starts over. An
+        unbound indexed read evaluates `fallback` on the nested variables (`nested()`)."""
+        if self.fallback is not None and self.unbound(flat):
+            if nested is None:
+                raise ValueError(f"{self.where}: nested variables are needed to evaluate")
+            return self.fallback.evaluate(nested())
         names = self.key_names
         if names is None:
             return self.run(activation())
@@ -174,17 +155,6 @@ _UNKNOWN = object()
 
 # --- compilation --------------------------------------------------------------------------
 
-_STRING = (
-    r"""[rRbB]{0,2}(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''"""
-    r"""|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')"""
-)
-_TOKEN = re.compile(
-    rf"(?P<string>{_STRING})"
-    r"|(?<![\w.])(?P<name>[A-Za-z_]\w*)(?P<path>(?:\s*\.\s*[A-Za-z_]\w*)*)(?P<call>\s*\()?"
-)
-_IDENT = re.compile(r"[A-Za-z_]\w*")
-_BOUND = re.compile(r"\.\s*(?:all|exists_one|exists|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
-_HAS_OPEN = re.compile(r"has\s*\(\s*$")
 _SYNTAX = re.compile(r"<input>:(\d+):(\d+): ([^\n]*)")
 
 
@@ -203,19 +173,26 @@ def compile_expression(
         program = cel.compile(source)
     except ValueError as exc:
         raise PolicyError(f"{where}: {_syntax_message(str(exc))}") from None
-    unknown = sorted(set(program.variables()) - set(_BOUND.findall(source)) - set(names))
+    unknown = sorted(set(program.variables()) - set(BOUND.findall(source)) - set(names))
     if unknown:
         raise PolicyError(
             f"{where}: unknown name {unknown[0]!r}; allowed names: {', '.join(sorted(names))}"
         )
-    uses = _scan_uses(source, names, where)
-    flat = _flatten_source(source, uses) if uses.fields else source
-    compiled = CompiledExpression(source, where, cel.compile(flat), uses)
+    uses = scan_uses(source, names, where)
+    fallback = None
+    if uses.indexed:
+        fallback = _flattened(source, where, scan_uses(source, names, where, indexed=False))
+    compiled = replace(_flattened(source, where, uses), fallback=fallback)
     if sample is None:
         sample = _default_sample(names)
     if sample is not None:
         _try_sample(compiled, sample, boolean=boolean)
     return compiled
+
+
+def _flattened(source: str, where: str, uses: Uses) -> CompiledExpression:
+    flat = flatten_source(source, uses) if uses.fields or uses.indexed else source
+    return CompiledExpression(source, where, cel.compile(flat), uses)
 
 
 def _syntax_message(text: str) -> str:
@@ -225,54 +202,6 @@ def _syntax_message(text: str) -> str:
     line, column, detail = found.groups()
     detail = detail.removeprefix("Syntax error: ")
     return f"CEL syntax error at line {line}, column {column}: {detail}"
-
-
-def _scan_uses(source: str, names: Names, where: str) -> Uses:
-    """Check `name.field` reads against `names`; a name read other than by a path of plain
-    field selections (whole, indexed, in has(), or rebound by a macro) is used whole."""
-    whole = set(_BOUND.findall(source)) & set(names)
-    read: dict[str, set[Path]] = {}
-    for token in _TOKEN.finditer(source):
-        name = token.group("name")
-        if name not in names:
-            continue
-        path = _path(token)
-        if not path or _HAS_OPEN.search(source, 0, token.start()):
-            whole.add(name)
-        else:
-            read.setdefault(name, set()).add(path)
-        _check_fields(name, path, names[name], where)
-    return Uses(frozenset(whole), {n: frozenset(p) for n, p in read.items() if n not in whole})
-
-
-def _path(token: re.Match[str]) -> Path:
-    """The field selections after the name, less a method called on the last one."""
-    path = tuple(_IDENT.findall(token.group("path")))
-    return path[:-1] if token.group("call") else path
-
-
-def _check_fields(name: str, path: Path, fields: frozenset[str] | None, where: str) -> None:
-    if path and fields is not None and path[0] not in fields:
-        listed = ", ".join(sorted(fields))
-        raise PolicyError(f"{where}: unknown field {name}.{path[0]}; {name} has: {listed}")
-    entry = RECORD_MAPS.get(name)
-    if entry is not None and len(path) > 1 and path[1] not in entry:
-        raise PolicyError(
-            f"{where}: unknown field {path[1]!r} of a {name} entry; "
-            f"each has: {', '.join(sorted(entry))}"
-        )
-
-
-def _flatten_source(source: str, uses: Uses) -> str:
-    def replace(token: re.Match[str]) -> str:
-        name, call = token.group("name", "call")
-        path = _path(token) if name in uses.fields else ()
-        if not path:
-            return token.group(0)
-        method = f".{_IDENT.findall(token.group('path'))[-1]}" if call else ""
-        return flat_name(name, path) + method + (call or "")
-
-    return _TOKEN.sub(replace, source)
 
 
 def _default_sample(names: Names) -> Mapping[str, Any] | None:

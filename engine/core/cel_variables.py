@@ -3,8 +3,9 @@ and the values of a decision or an audience check (conventions in engine.core.ce
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -78,6 +79,21 @@ def patient_vars(patient: Patient, *, today: date) -> dict[str, Any]:
     }
 
 
+PATIENT_SOURCES: Mapping[str, Callable[[Patient, datetime], object]] = MappingProxyType(
+    {
+        "external_id": lambda p, now: p.external_id,
+        "age": lambda p, now: p.age_on(local_today(now, p.zones[0])),
+        "country": lambda p, now: p.country,
+        "region": lambda p, now: p.region,
+        "timezone": lambda p, now: p.timezone,
+        "locale": lambda p, now: p.locale,
+        "allow_phi_sms": lambda p, now: p.allow_phi_sms,
+    }
+)
+"""What each field of patient_vars derives from at a time: equal sources, equal values
+(memos key on these, which cost less than the variables)."""
+
+
 def consent_vars(consents: Mapping[str, ConsentState], purposes: Iterable[str]) -> dict[str, Any]:
     """Every declared purpose (inactive unless granted) plus any other the patient holds."""
     out: dict[str, Any] = {
@@ -116,6 +132,12 @@ def history_vars(history: History, now: datetime, purposes: Iterable[str]) -> di
     }
 
 
+@lru_cache(maxsize=1024)
+def local_today(now: datetime, zone: str) -> date:
+    """The date in `zone` at `now` (most patients of a tick share a time and a zone)."""
+    return now.astimezone(get_zone(zone)).date()
+
+
 def local_vars(now: datetime, zone: str) -> dict[str, Any]:
     local = now.astimezone(get_zone(zone))
     return {
@@ -140,8 +162,7 @@ def policy_variables(
         if name == "now":
             out[name] = ctx.now
         elif name == "patient":
-            today = ctx.now.astimezone(get_zone(zone)).date()
-            out[name] = patient_vars(ctx.patient, today=today)
+            out[name] = patient_vars(ctx.patient, today=local_today(ctx.now, zone))
         elif name == "consent":
             out[name] = consent_vars(ctx.consents, purposes)
         elif name == "message":
@@ -157,19 +178,47 @@ def audience_variables(
     patient: Patient, anchor: Prescription | Appointment | None, now: datetime
 ) -> dict[str, Any]:
     """Variables of a campaign's audience `where`; the anchor that is not this one is null."""
-    today = now.astimezone(get_zone(patient.zones[0])).date()
-    out: dict[str, Any] = {
-        "patient": patient_vars(patient, today=today),
-        "prescription": None,
-        "appointment": None,
-        "now": now,
-    }
-    if isinstance(anchor, Prescription):
-        rx = {f: getattr(anchor, f) for f in PRESCRIPTION_FIELDS}
-        out["prescription"] = rx | {"refill_due": anchor.refill_due.isoformat()}
-    elif isinstance(anchor, Appointment):
-        out["appointment"] = {f: getattr(anchor, f) for f in APPOINTMENT_FIELDS}
-    return out
+    return dict(LazyAudienceVariables(patient, anchor, now).built())
+
+
+class LazyAudienceVariables(dict[str, Any]):
+    """audience_variables, each variable built when first read (an audience reads one or
+    two of them); a patient zone that does not exist fails at once, as it fails there."""
+
+    __slots__ = ("_anchor", "_now", "_patient")
+
+    def __init__(
+        self, patient: Patient, anchor: Prescription | Appointment | None, now: datetime
+    ) -> None:
+        super().__init__()
+        self._patient, self._anchor, self._now = patient, anchor, now
+        local_today(now, patient.zones[0])
+
+    def built(self) -> LazyAudienceVariables:
+        for name in AUDIENCE_NAMES:
+            self[name]  # builds it
+        return self
+
+    def __missing__(self, name: str) -> Any:
+        anchor = self._anchor
+        if name == "patient":
+            today = local_today(self._now, self._patient.zones[0])
+            value: Any = patient_vars(self._patient, today=today)
+        elif name == "prescription":
+            value = None
+            if isinstance(anchor, Prescription):
+                rx = {f: getattr(anchor, f) for f in PRESCRIPTION_FIELDS}
+                value = rx | {"refill_due": anchor.refill_due.isoformat()}
+        elif name == "appointment":
+            value = None
+            if isinstance(anchor, Appointment):
+                value = {f: getattr(anchor, f) for f in APPOINTMENT_FIELDS}
+        elif name == "now":
+            value = self._now
+        else:
+            raise KeyError(name)
+        self[name] = value
+        return value
 
 
 SAMPLE_NOW = datetime(2026, 3, 10, 15, 0, tzinfo=UTC)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 from engine.core.domain import ConsentEvent, ConsentState
 
@@ -25,31 +26,29 @@ def fold(events: Iterable[ConsentEvent]) -> dict[tuple[str, str], ConsentState]:
 
 def fold_ordered(rows: Iterable[ConsentRow]) -> dict[tuple[str, str], ConsentState]:
     """`fold` of events already in order (by occurrence time, then ledger order), given as
-    plain rows: what a database sorting the ledger hands over."""
-    states: dict[tuple[str, str], ConsentState] = {}
+    plain rows: what a database sorting the ledger hands over. Only the final state of each
+    (purpose, channel) is built."""
+    latest: dict[tuple[str, str], tuple[bool, str | None, str | None, datetime | None, Any]] = {}
     for purpose, channel, status, occurred_at, legal_basis, method in rows:
         key = (purpose, channel)
-        previous = states.get(key)
         if status == "granted":
-            states[key] = ConsentState(
-                purpose=purpose,
-                channel=channel,
-                active=True,
-                legal_basis=legal_basis,
-                method=method,
-                granted_at=occurred_at,
-            )
-        else:
-            states[key] = ConsentState(
-                purpose=purpose,
-                channel=channel,
-                active=False,
-                legal_basis=previous.legal_basis if previous else None,
-                method=method,
-                granted_at=previous.granted_at if previous else None,
-                revoked_at=occurred_at,
-            )
-    return states
+            latest[key] = (True, legal_basis, method, occurred_at, None)
+        else:  # a revocation keeps the basis and time of the grant it ends
+            previous = latest.get(key)
+            basis, granted = (previous[1], previous[3]) if previous else (None, None)
+            latest[key] = (False, basis, method, granted, occurred_at)
+    return {
+        (purpose, channel): ConsentState(
+            purpose=purpose,
+            channel=channel,
+            active=active,
+            legal_basis=basis,
+            method=method,
+            granted_at=granted,
+            revoked_at=revoked,
+        )
+        for (purpose, channel), (active, basis, method, granted, revoked) in latest.items()
+    }
 
 
 def current_consents(

@@ -10,17 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import cel
-
 from engine.core.cel_context import (
     DEFAULT_PURPOSES,
     POLICY_NAMES,
     CompiledExpression,
     PolicyError,
     Uses,
-    bind,
     compile_expression,
-    policy_variables,
     sample_policy_variables,
 )
 from engine.core.domain import (
@@ -30,8 +26,9 @@ from engine.core.domain import (
     Rule,
     RuleResult,
 )
+from engine.core.policy_evaluation import Evaluation, boolean
+from engine.core.policy_memo import DecisionKeys, decision_keys
 from engine.core.quiet_hours import SEARCH_HORIZON, in_window, next_window_start
-from engine.core.zones import get_zone
 
 __all__ = ["CompiledPolicySet", "CompiledRule", "PolicyError", "compile_policy_set", "decide"]
 
@@ -71,6 +68,8 @@ class CompiledPolicySet:
     rules: tuple[CompiledRule, ...]
     purposes: tuple[str, ...]
     uses: Uses
+    keys: DecisionKeys | None = field(default=None, compare=False, repr=False)
+    """How decisions are remembered (engine.core.policy_memo); None: they are not."""
 
 
 # --- compilation --------------------------------------------------------------------------
@@ -93,7 +92,8 @@ def compile_policy_set(rules: Sequence[Rule], *, purposes: Sequence[str]) -> Com
     uses = Uses()
     for expression in (e for c in compiled for e in (c.where, c.when) if e is not None):
         uses |= expression.uses
-    return CompiledPolicySet(tuple(compiled), tuple(purposes), uses)
+    keys = decision_keys(uses, {c.rule.kind for c in compiled})
+    return CompiledPolicySet(tuple(compiled), tuple(purposes), uses, keys)
 
 
 def _compile_rule(
@@ -179,62 +179,27 @@ def _frozen(values: Sequence[str] | None) -> frozenset[str] | None:
 # --- decision -----------------------------------------------------------------------------
 
 
-class _Evaluation:
-    """Per-decision state: the CEL activation (built once, only if some rule needs it)
-    and `where` results shared by rules with the same condition."""
-
-    __slots__ = ("_activation", "_clocks", "_flat", "_where", "ctx", "policy_set")
-
-    def __init__(self, policy_set: CompiledPolicySet, ctx: DecisionContext):
-        self.policy_set = policy_set
-        self.ctx = ctx
-        self._flat: dict[str, object] | None = None
-        self._activation: cel.Context | None = None
-        self._clocks: tuple[list[datetime], str] | None = None
-        self._where: dict[str, bool] = {}
-
-    def clocks(self) -> tuple[list[datetime], str]:
-        """The local time in each of the patient's zones, and that as text."""
-        if self._clocks is None:
-            local = [self.ctx.now.astimezone(get_zone(z)) for z in self.ctx.patient.zones]
-            text = ", ".join(f"{t.hour:02d}:{t.minute:02d} {t.tzinfo}" for t in local)
-            self._clocks = (local, text)
-        return self._clocks
-
-    def flat(self) -> dict[str, object]:
-        """The flat variables every expression of the set reads (built once)."""
-        if self._flat is None:
-            uses = self.policy_set.uses
-            nested = policy_variables(self.ctx, purposes=self.policy_set.purposes, only=uses.names)
-            self._flat = bind(nested, uses)
-        return self._flat
-
-    def activation(self) -> cel.Context:
-        if self._activation is None:
-            # Values reach CEL only when an expression reads them: converting a string into
-            # CEL costs about a microsecond, and most rules read few of the variables.
-            # A resolver's None means "not here", so nulls are set up front.
-            flat = self.flat()
-            activation = cel.Context({k: None for k, v in flat.items() if v is None})
-            activation.set_variable_resolver(flat.get)
-            self._activation = activation
-        return self._activation
-
-    def run(self, expression: CompiledExpression) -> object:
-        return expression.run_memoized(self.flat(), self.activation)
-
-    def holds(self, expression: CompiledExpression) -> bool:
-        known = self._where.get(expression.source)
-        if known is None:
-            known = _boolean(expression, self.run(expression))
-            self._where[expression.source] = known
-        return known
-
-
 def decide(policy_set: CompiledPolicySet, ctx: DecisionContext) -> Decision:
     """Evaluate every rule in order; deny overrides defer overrides allow. A deferred
-    decision's send_at is the latest defer_until, so that every deferring rule holds."""
-    evaluation = _Evaluation(policy_set, ctx)
+    decision's send_at is the latest defer_until, so that every deferring rule holds.
+    A decision on the same facts as an earlier one is that one (engine.core.policy_memo)."""
+    keys = policy_set.keys
+    if keys is None:
+        return decide_unmemoized(policy_set, ctx)
+    try:
+        key = keys.key(ctx)
+    except RULE_ERRORS:  # a fact that cannot be read (a zone that does not exist): the
+        return decide_unmemoized(policy_set, ctx)  # rules that read it fail closed
+    decision = keys.remembered(key)
+    if decision is None:
+        decision = decide_unmemoized(policy_set, ctx)
+        keys.remember(key, decision)
+    return decision
+
+
+def decide_unmemoized(policy_set: CompiledPolicySet, ctx: DecisionContext) -> Decision:
+    """`decide`, evaluating every rule (whatever was decided before)."""
+    evaluation = Evaluation(policy_set, ctx)
     trace = tuple(_evaluate(compiled, evaluation) for compiled in policy_set.rules)
     effects = {result.effect for result in trace}
     if "deny" in effects:
@@ -245,7 +210,7 @@ def decide(policy_set: CompiledPolicySet, ctx: DecisionContext) -> Decision:
     return Decision("allow", ctx.now, trace)
 
 
-def _evaluate(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+def _evaluate(compiled: CompiledRule, evaluation: Evaluation) -> RuleResult:
     rule = compiled.rule
     purpose = evaluation.ctx.message.purpose
     try:
@@ -288,13 +253,7 @@ def _skip_where(compiled: CompiledRule) -> str:
     return f"where is false: {compiled.where.source if compiled.where else ''}"
 
 
-def _boolean(expression: CompiledExpression, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{expression.where} returned {type(value).__name__}, not a boolean")
-    return value
-
-
-def _check_consent(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+def _check_consent(compiled: CompiledRule, evaluation: Evaluation) -> RuleResult:
     rule, ctx = compiled.rule, evaluation.ctx
     purpose = ctx.message.purpose
     consent = ctx.consents.get(purpose)
@@ -315,10 +274,10 @@ def _consent_holds(compiled: CompiledRule, purpose: str, basis: str) -> str:
     return f"consent {purpose} active ({basis})"
 
 
-def _check_expression(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+def _check_expression(compiled: CompiledRule, evaluation: Evaluation) -> RuleResult:
     rule, when = compiled.rule, compiled.when
     assert when is not None  # compile_policy_set guarantees it
-    if _boolean(when, evaluation.run(when)):
+    if boolean(when, evaluation.run(when)):
         return _memo(compiled, ("when", True), rule.effect, _when_true)
     return _memo(compiled, ("when", False), "allow", _when_false)
 
@@ -332,7 +291,7 @@ def _when_false(compiled: CompiledRule) -> str:
     return f"when is false: {compiled.rule.when}"
 
 
-def _check_frequency_cap(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+def _check_frequency_cap(compiled: CompiledRule, evaluation: Evaluation) -> RuleResult:
     """Rolling window: a message counts while `at > now - window` (committed ones too)."""
     rule, now = compiled.rule, evaluation.ctx.now
     limit, window, wanted = rule.limit or 0, rule.window or timedelta(0), compiled.count_purposes
@@ -355,7 +314,7 @@ def _cap_summary(compiled: CompiledRule, count: int) -> str:
     return f"{count}{compiled.detail}"
 
 
-def _check_quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+def _check_quiet_hours(compiled: CompiledRule, evaluation: Evaluation) -> RuleResult:
     """Depends on the time and the patient's zones only: decided once per zone set and
     time (a tick decides most of its population for one time), keeping only the latest
     time so that a long-running process does not accumulate results."""
@@ -368,7 +327,7 @@ def _check_quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleR
     return result
 
 
-def _quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
+def _quiet_hours(compiled: CompiledRule, evaluation: Evaluation) -> RuleResult:
     rule, ctx = compiled.rule, evaluation.ctx
     start, end = rule.window_start, rule.window_end
     assert start is not None and end is not None  # compile_policy_set guarantees it
@@ -389,7 +348,7 @@ def _quiet_hours(compiled: CompiledRule, evaluation: _Evaluation) -> RuleResult:
     return _result(rule, "defer", message, until)
 
 
-_CHECKS: Mapping[str, Callable[[CompiledRule, _Evaluation], RuleResult]] = {
+_CHECKS: Mapping[str, Callable[[CompiledRule, Evaluation], RuleResult]] = {
     "consent": _check_consent,
     "quiet_hours": _check_quiet_hours,
     "frequency_cap": _check_frequency_cap,

@@ -28,6 +28,7 @@ from datetime import date, datetime, time
 from typing import Any, Literal
 
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -186,10 +187,20 @@ class CompiledTemplate:
     template: Template
     jinja: jinja2.Template = field(repr=False, compare=False)
     ast: nodes.Template = field(repr=False, compare=False)
+    rendered: dict[tuple[object, ...], RenderedMessage] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """Messages by the text values of the variables the template reads (see `render`)."""
 
     @property
     def file(self) -> str:
         return where_of(self.template)
+
+    @functools.cached_property
+    def reads(self) -> tuple[str, ...]:
+        """The variables the template reads: its output is a function of their values (the
+        sandbox has no globals, calls or other source of values)."""
+        return tuple(sorted(jinja2.meta.find_undeclared_variables(self.ast)))
 
 
 def compile_template(template: Template) -> CompiledTemplate:
@@ -299,7 +310,43 @@ def render(
 
     TemplateError on a missing variable, a sandbox violation, a failing filter, or an output
     longer than `max_length` characters (OutputTooLong, raised as soon as it is exceeded).
+    A message made from text values is remembered by them (most templates read no name,
+    or a name many patients share); a failure is not.
     """
+    key = _memo_key(compiled, variables, max_length)
+    if key is not None:
+        known = compiled.rendered.get(key)
+        if known is not None:
+            return known
+    message = _render(compiled, variables, max_length)
+    if key is not None:
+        if len(compiled.rendered) >= MEMO_LIMIT:
+            compiled.rendered.clear()
+        compiled.rendered[key] = message
+    return message
+
+
+MEMO_LIMIT = 4096
+_ABSENT = object()
+
+
+def _memo_key(
+    compiled: CompiledTemplate, variables: Mapping[str, Any], max_length: int
+) -> tuple[object, ...] | None:
+    """The values of the variables the template reads, when each is a string or absent
+    (other values may be equal but print differently: 1, 1.0 and True)."""
+    values: list[object] = [max_length]
+    for name in compiled.reads:
+        value = variables.get(name, _ABSENT)
+        if value is not _ABSENT and type(value) is not str:
+            return None
+        values.append(value)
+    return tuple(values)
+
+
+def _render(
+    compiled: CompiledTemplate, variables: Mapping[str, Any], max_length: int
+) -> RenderedMessage:
     parts: list[str] = []
     size = 0
     try:

@@ -11,6 +11,7 @@ import calendar
 import functools
 import hashlib
 import json
+import json.encoder
 from datetime import UTC, date, datetime, time, timedelta
 
 from engine.core.domain import Appointment, Campaign, Occurrence, Patient, Prescription, Schedule
@@ -77,8 +78,15 @@ def idempotency_key(campaign_id: str, patient_external_id: str, anchor: str, lab
     It deliberately leaves out the campaign version, template, time zone and send time, so
     edits and re-plans never produce a second message for the same occurrence.
     """
-    fields = json.dumps([campaign_id, patient_external_id, anchor, label], ensure_ascii=False)
-    return hashlib.sha256(fields.encode("utf-8")).hexdigest()[:32]
+    fields = (campaign_id, patient_external_id, anchor, label)
+    if all(type(f) is str for f in fields):  # what json.dumps writes for a list of strings
+        text = "[" + ", ".join([_json_string(f) for f in fields]) + "]"
+    else:
+        text = json.dumps(list(fields), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 def occurrences(
@@ -97,6 +105,49 @@ def occurrences(
     _check_anchor(campaign, anchor)
     zone = patient.zones[0]
     key_anchor = anchor_key(anchor)
+    return [
+        Occurrence(
+            campaign=campaign.id,
+            patient=patient.external_id,
+            anchor=key_anchor,
+            label=label,
+            due_at=due_at,
+            expires_at=expires_at,
+            idempotency_key=idempotency_key(campaign.id, patient.external_id, key_anchor, label),
+        )
+        for label, due_at, expires_at in _due_times(campaign, anchor, zone, not_after, alive_at)
+    ]
+
+
+Due = tuple[str, datetime, datetime]  # (label, due_at, expires_at)
+_SHARED: dict[tuple[object, ...], tuple[Schedule, tuple[Due, ...]]] = {}
+SHARED_LIMIT = 4096
+
+
+def _due_times(
+    campaign: Campaign, anchor: Anchor, zone: str, not_after: datetime, alive_at: datetime
+) -> tuple[Due, ...]:
+    """(label, due_at, expires_at) of the occurrences in the window, by due time then label.
+    A schedule that does not depend on the anchor gives every patient of a zone the same
+    ones: computed once per schedule, zone and window."""
+    if campaign.schedule.kind == "relative" or isinstance(campaign.schedule.start, str):
+        return _window(campaign, anchor, zone, not_after, alive_at)
+    schedule = campaign.schedule
+    key = (id(schedule), campaign.expires_after, zone, not_after, alive_at, not_after.tzinfo)
+    key += (alive_at.tzinfo,)
+    shared = _SHARED.get(key)
+    if shared is not None and shared[0] is schedule:  # the id is not another's, reused
+        return shared[1]
+    found = _window(campaign, anchor, zone, not_after, alive_at)
+    if len(_SHARED) >= SHARED_LIMIT:
+        _SHARED.clear()
+    _SHARED[key] = (schedule, found)
+    return found
+
+
+def _window(
+    campaign: Campaign, anchor: Anchor, zone: str, not_after: datetime, alive_at: datetime
+) -> tuple[Due, ...]:
     found = []
     # Local dates more than a day outside the window cannot qualify in any zone (UTC-12 to
     # UTC+14): skip their zone arithmetic.
@@ -108,24 +159,15 @@ def occurrences(
         due_at = to_utc(day, campaign.schedule.at, zone)
         expires_at = due_at + campaign.expires_after
         if due_at <= not_after and expires_at > alive_at:
-            key = idempotency_key(campaign.id, patient.external_id, key_anchor, label)
-            found.append(
-                Occurrence(
-                    campaign=campaign.id,
-                    patient=patient.external_id,
-                    anchor=key_anchor,
-                    label=label,
-                    due_at=due_at,
-                    expires_at=expires_at,
-                    idempotency_key=key,
-                )
-            )
-    return sorted(found, key=lambda o: (o.due_at, o.label))
+            found.append((label, due_at, expires_at))
+    return tuple(sorted(found, key=lambda d: (d[1], d[0])))
+
+
+_ANCHOR_TYPES = {"prescription": Prescription, "appointment": Appointment, "none": type(None)}
 
 
 def _check_anchor(campaign: Campaign, anchor: Anchor) -> None:
-    expected = {"prescription": Prescription, "appointment": Appointment, "none": type(None)}
-    if not isinstance(anchor, expected[campaign.anchor]):
+    if not isinstance(anchor, _ANCHOR_TYPES[campaign.anchor]):
         raise ValueError(
             f"campaign {campaign.id!r} is anchored on {campaign.anchor!r}, "
             f"got {type(anchor).__name__}"

@@ -7,7 +7,7 @@ id, see engine.crypto.PatientCipher), so it must never change for stored data.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any, Literal
@@ -85,14 +85,30 @@ def seal_patient(row: m.Patient, cipher: PatientCipher, record: PatientRecord) -
 
 def candidate_zones(stored: str | None) -> tuple[str, ...]:
     """The zones a number maps to, as stored (comma-separated)."""
-    return tuple(z for z in (stored or "").split(",") if z)
+    if not stored:
+        return ()
+    return tuple(z for z in stored.split(",") if z)
 
 
-def open_patient(row: Any, cipher: PatientCipher, *, with_phone: bool = True) -> PatientRecord:
+SEALED_FIELDS = frozenset({"given_name", "family_name", "birth_date", "attributes", "medication"})
+"""The sealed fields a reader may ask for (the phone is asked for apart)."""
+
+
+def open_patient(
+    row: Any,
+    cipher: PatientCipher,
+    *,
+    with_phone: bool = True,
+    sealed: Collection[str] = SEALED_FIELDS,
+) -> PatientRecord:
     """The decrypted patient from an ORM row or a Core row of the patients table; the phone
-    stays sealed unless asked for."""
-    birth = cipher.decrypt_field("birth_date", row.birth_date_enc)
-    attrs = cipher.decrypt_field("attributes", row.attributes_enc)
+    stays sealed unless asked for, and so do the fields not in `sealed` (left empty: for a
+    reader that never looks at them, as a planner whose templates use no family name)."""
+    open_ = cipher.decrypt_field
+    birth = open_("birth_date", row.birth_date_enc) if "birth_date" in sealed else None
+    attrs = open_("attributes", row.attributes_enc) if "attributes" in sealed else None
+    given = open_("given_name", row.given_name_enc) if "given_name" in sealed else None
+    family = open_("family_name", row.family_name_enc) if "family_name" in sealed else None
     patient = domain.Patient(
         external_id=row.external_id,
         timezone=row.timezone,
@@ -102,8 +118,8 @@ def open_patient(row: Any, cipher: PatientCipher, *, with_phone: bool = True) ->
         region=row.region,
         birth_date=date.fromisoformat(birth) if birth else None,
         allow_phi_sms=row.allow_phi_sms,
-        given_name=cipher.decrypt_field("given_name", row.given_name_enc) or "",
-        family_name=cipher.decrypt_field("family_name", row.family_name_enc) or "",
+        given_name=given or "",
+        family_name=family or "",
         attributes=json.loads(attrs) if attrs else {},
     )
     phone = cipher.decrypt_field("phone", row.phone_enc) if with_phone else None
@@ -115,10 +131,16 @@ def seal_prescription(row: m.Prescription, cipher: PatientCipher, rx: domain.Pre
     row.medication_class, row.refill_due, row.status = rx.medication_class, rx.refill_due, rx.status
 
 
-def open_prescription(row: Any, cipher: PatientCipher) -> domain.Prescription:
+def open_prescription(
+    row: Any, cipher: PatientCipher, *, sealed: Collection[str] = SEALED_FIELDS
+) -> domain.Prescription:
+    """The prescription; its medication stays sealed (empty) unless in `sealed`."""
+    medication = None
+    if "medication" in sealed:
+        medication = cipher.decrypt_field(medication_field(row.rx_id), row.medication_enc)
     return domain.Prescription(
         rx_id=row.rx_id,
-        medication=cipher.decrypt_field(medication_field(row.rx_id), row.medication_enc) or "",
+        medication=medication or "",
         medication_class=row.medication_class,
         refill_due=row.refill_due,
         status=row.status,

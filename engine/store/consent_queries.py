@@ -100,12 +100,12 @@ def consent_states_for_many(
     """
     purposes = tuple(purposes)
     rows: dict[int, list[ConsentRow]] = {pid: [] for pid in patient_ids}
-    e = m.ConsentEvent
+    e = m.ConsentEvent.__table__.c  # Core columns: rows skip the ORM's loading
     columns = (e.patient_id, e.purpose, e.channel, e.status, e.occurred_at, e.legal_basis)
     order = (e.patient_id, e.occurred_at, e.id)
     for criterion, wanted in id_groups(e.patient_id, patient_ids):
         stmt = select(*columns, e.method).where(criterion, e.channel == channel).order_by(*order)
-        for pid, *row in session.execute(stmt):
+        for pid, *row in session.execute(stmt).all():
             if pid in wanted:
                 rows[pid].append(tuple(row))  # type: ignore[arg-type]
     never = {p: domain.ConsentState(purpose=p, channel=channel) for p in purposes}
@@ -160,9 +160,9 @@ def suppressed_indexes(*, session: Session, phone_indexes: Iterable[str]) -> set
 
 def suppressed_patients(*, session: Session, patient_ids: Iterable[int]) -> set[int]:
     """Patients whose phone number is on the suppression list (STOP, erasure)."""
-    p, s = m.Patient, m.Suppression
+    p, s = m.Patient.__table__, m.Suppression.__table__
     found: set[int] = set()
-    for criterion, wanted in id_groups(p.id, patient_ids):
-        stmt = select(p.id).join(s, s.phone_index == p.phone_index).where(criterion)
+    for criterion, wanted in id_groups(p.c.id, patient_ids):
+        stmt = select(p.c.id).join_from(p, s, s.c.phone_index == p.c.phone_index).where(criterion)
         found.update(pid for (pid,) in session.execute(stmt) if pid in wanted)
     return found

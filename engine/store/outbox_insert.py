@@ -17,6 +17,7 @@ first is skipped, never doubled.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -64,16 +65,17 @@ def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -
 
 def _row(
     row: Mapping[str, Any],
-    convert: Sequence[tuple[str, Any, Callable[[Any], Any] | None, bool]],
+    convert: Converters,
     now: Any,
     memo: dict[tuple[str, Any], Any],
 ) -> tuple[Any, ...]:
     """The row's values in COLUMNS order, converted. Times and reasons repeat across the
     rows of a batch (a tick's time, a rule's memoized reasons): each distinct value, or
     reasons list object, is converted once per batch."""
-    out = []
-    for name, default, processor, shared in convert:
-        value = row.get(name, default)
+    get = row.get
+    out = [get(name, default) for name, default in convert.defaults]
+    for i, name, processor, shared in convert.processed:
+        value = out[i]
         if value is _NOW:
             value = now
         if processor is not None and value is not None:
@@ -85,26 +87,35 @@ def _row(
                 value = converted
             else:
                 value = processor(value)
-        out.append(value)
+        out[i] = value
     return tuple(out)
 
 
 _NOW = object()
 
 
+@dataclass(frozen=True)
+class Converters:
+    """Per column, in COLUMNS order: its name and its value when a row leaves it out; and
+    for the columns whose values need converting (or default to now): index, name, bind
+    processor for this dialect (None: passed as is) and whether values repeat across rows."""
+
+    defaults: tuple[tuple[str, Any], ...]
+    processed: tuple[tuple[int, str, Callable[[Any], Any] | None, bool], ...]
+
+
 @cache
-def _converters(
-    dialect: Dialect,
-) -> tuple[tuple[str, Any, Callable[[Any], Any] | None, bool], ...]:
-    """Per column: its name, its value when a row leaves it out, its bind processor for
-    this dialect (None: passed as is), and whether its values repeat across rows."""
-    out = []
-    for name in COLUMNS:
+def _converters(dialect: Dialect) -> Converters:
+    defaults, processed = [], []
+    for i, name in enumerate(COLUMNS):
         kind = TABLE.c[name].type
         default = _NOW if name in ("created_at", "updated_at") else DEFAULTS.get(name)
         shared = isinstance(kind, m.UTCDateTime | JSON)
-        out.append((name, default, kind._cached_bind_processor(dialect), shared))
-    return tuple(out)
+        processor = kind._cached_bind_processor(dialect)
+        defaults.append((name, default))
+        if processor is not None or default is _NOW:
+            processed.append((i, name, processor, shared))
+    return Converters(tuple(defaults), tuple(processed))
 
 
 @cache

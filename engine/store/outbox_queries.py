@@ -75,7 +75,7 @@ def recent_for(
     The planner counts queued rows as sent, as it counts the messages it allows earlier in
     the same tick, so a decision does not depend on which tick planned its neighbours.
     """
-    o = m.Outbox
+    o = m.Outbox.__table__.c  # Core columns: rows skip the ORM's loading
     ids = list(patient_ids)
     since = now - window
     sent: dict[int, list[SentMessage]] = defaultdict(list)
@@ -104,7 +104,7 @@ def recent_for(
 
 def existing_keys(*, session: Session, keys: Iterable[str]) -> set[str]:
     """The idempotency keys among `keys` that already have an outbox row."""
-    o = m.Outbox
+    o = m.Outbox.__table__.c
     found: set[str] = set()
     for chunk in chunks(sorted(set(keys))):
         found.update(session.scalars(select(o.idempotency_key).where(o.idempotency_key.in_(chunk))))

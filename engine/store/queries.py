@@ -8,7 +8,7 @@ the caller owns the transaction.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import select, tuple_
@@ -74,13 +74,13 @@ def ciphers_for(
 ) -> dict[int, PatientCipher]:
     """Unwrapped ciphers by patient row id; erased patients (key destroyed) are absent."""
     ciphers: dict[int, PatientCipher] = {}
-    for criterion, wanted in id_groups(m.PatientKey.patient_id, patient_ids):
+    p, k = m.Patient.__table__, m.PatientKey.__table__  # Core: rows skip the ORM's loading
+    for criterion, wanted in id_groups(k.c.patient_id, patient_ids):
         rows = session.execute(
-            select(m.Patient.id, m.Patient.external_id, m.PatientKey.wrapped_key)
-            .add_columns(m.PatientKey.master_key_id)
-            .join(m.PatientKey, m.PatientKey.patient_id == m.Patient.id)
-            .where(criterion, m.PatientKey.wrapped_key.is_not(None))
-        )
+            select(p.c.id, p.c.external_id, k.c.wrapped_key, k.c.master_key_id)
+            .join_from(p, k, k.c.patient_id == p.c.id)
+            .where(criterion, k.c.wrapped_key.is_not(None))
+        ).all()
         for pid, external_id, wrapped, key_id in rows:
             if pid in wanted:
                 ciphers[pid] = keyring.cipher(wrapped, patient_id=external_id, master_key_id=key_id)
@@ -91,10 +91,10 @@ def keyed_patients(*, session: Session, patient_ids: Iterable[int]) -> set[int]:
     """The patients among `patient_ids` whose data key still exists (not erased): a check
     that unwraps nothing, for callers holding ciphers from an earlier read."""
     found: set[int] = set()
-    k = m.PatientKey
+    k = m.PatientKey.__table__.c
     for criterion, wanted in id_groups(k.patient_id, patient_ids):
         stmt = select(k.patient_id).where(criterion, k.wrapped_key.is_not(None))
-        found.update(pid for (pid,) in session.execute(stmt) if pid in wanted)
+        found.update(pid for (pid,) in session.execute(stmt).all() if pid in wanted)
     return found
 
 
@@ -184,54 +184,79 @@ def load_patient(*, session: Session, keyring: Keyring, external_id: str) -> dom
 
 
 def iter_patients(
-    *, session: Session, keyring: Keyring, batch_size: int = 1000, where: Any = None
+    *,
+    session: Session,
+    keyring: Keyring,
+    batch_size: int = 1000,
+    where: Any = None,
+    sealed: Collection[str] = codec.SEALED_FIELDS,
 ) -> Iterator[PatientData]:
     """Stream every patient not erased, with prescriptions and appointments.
 
     Rows come `batch_size` at a time (a server-side cursor on PostgreSQL) and their
     clinical records one query per batch: memory stays flat for any population.
-    `where` is an optional SQLAlchemy criterion on models.Patient.
+    `where` is an optional SQLAlchemy criterion on models.Patient. Only the sealed fields
+    in `sealed` are decrypted (codec.open_patient); the others are left empty.
     """
-    # Core rows, not ORM objects: the codec reads the same attribute names, at a fraction of
-    # the cost per row, and nothing is added to the session's identity map.
+    # Core rows of the columns read, not ORM objects: the codec reads the same attribute
+    # names, at a fraction of the cost per row, and nothing is added to the session's
+    # identity map.
     table = m.Patient.__table__
-    stmt = select(table).where(table.c.erased_at.is_(None)).order_by(table.c.id)
+    columns = [table.c[name] for name in _PATIENT_COLUMNS]
+    columns += [table.c[f"{name}_enc"] for name in sorted(_PATIENT_SEALED & set(sealed))]
+    stmt = select(*columns).where(table.c.erased_at.is_(None)).order_by(table.c.id)
     if where is not None:
         stmt = stmt.where(where)
     result = session.execute(stmt.execution_options(yield_per=batch_size))
     for partition in result.partitions():
-        yield from _patient_batch(session, keyring, partition)
+        yield from _patient_batch(session, keyring, partition, frozenset(sealed))
+
+
+_PATIENT_COLUMNS = ("id", "external_id", "timezone", "candidate_timezones", "locale", "country")
+_PATIENT_COLUMNS += ("region", "allow_phi_sms")
+_PATIENT_SEALED = frozenset({"given_name", "family_name", "birth_date", "attributes"})
+_RX_COLUMNS = ("patient_id", "rx_id", "medication_class", "refill_due", "status")
+_APPOINTMENT_COLUMNS = ("patient_id", "appointment_id", "starts_at", "kind", "provider")
+_APPOINTMENT_COLUMNS += ("location", "status")
 
 
 def _patient_batch(
-    session: Session, keyring: Keyring, rows: Sequence[Any]
+    session: Session, keyring: Keyring, rows: Sequence[Any], sealed: frozenset[str]
 ) -> Iterator[PatientData]:
     ids = [row.id for row in rows]
     ciphers = ciphers_for(session=session, keyring=keyring, patient_ids=ids)
     rx: dict[int, list[domain.Prescription]] = defaultdict(list)
     rx_table = m.Prescription.__table__
-    for p in _of_patients(session, rx_table, ids, rx_table.c.id):
+    rx_columns = [*_RX_COLUMNS, *(("medication_enc",) if "medication" in sealed else ())]
+    for p in _of_patients(session, rx_table, rx_columns, ids, rx_table.c.id):
         if p.patient_id in ciphers:
-            rx[p.patient_id].append(codec.open_prescription(p, ciphers[p.patient_id]))
+            rx[p.patient_id].append(
+                codec.open_prescription(p, ciphers[p.patient_id], sealed=sealed)
+            )
     appts: dict[int, list[domain.Appointment]] = defaultdict(list)
     appt_table = m.Appointment.__table__
-    for a in _of_patients(session, appt_table, ids, appt_table.c.starts_at):
+    for a in _of_patients(session, appt_table, _APPOINTMENT_COLUMNS, ids, appt_table.c.starts_at):
         appts[a.patient_id].append(codec.to_appointment(a))
     for row in rows:
-        if row.id in ciphers:
+        cipher = ciphers.get(row.id)
+        if cipher is not None:
             yield PatientData(
                 id=row.id,
-                patient=codec.open_patient(row, ciphers[row.id], with_phone=False).patient,
+                patient=codec.open_patient(row, cipher, with_phone=False, sealed=sealed).patient,
                 prescriptions=tuple(rx[row.id]),
                 appointments=tuple(appts[row.id]),
-                cipher=ciphers[row.id],
+                cipher=cipher,
             )
 
 
-def _of_patients(session: Session, table: Any, ids: Sequence[int], order: Any) -> Iterator[Any]:
-    """The table's rows for these patients; ciphers_for already left out erased ones."""
+def _of_patients(
+    session: Session, table: Any, columns: Sequence[str], ids: Sequence[int], order: Any
+) -> Iterator[Any]:
+    """The columns of the table's rows for these patients; ciphers_for already left out
+    erased ones."""
+    selected = [table.c[name] for name in columns]
     for criterion, _ in id_groups(table.c.patient_id, ids):
-        yield from session.execute(select(table).where(criterion).order_by(order))
+        yield from session.execute(select(*selected).where(criterion).order_by(order)).all()
 
 
 def patients_by_phone(*, session: Session, keyring: Keyring, e164: str) -> list[domain.Patient]:

@@ -160,6 +160,29 @@ def test_iter_patients_streams_batches_with_their_records(
     assert all(not d.appointments for d in streamed if d.patient.external_id != "P3")
 
 
+def test_iter_patients_opens_only_the_sealed_fields_asked_for(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        rx = Prescription("RX1", "Drug 1", "statin", date(2025, 3, 1))
+        queries.upsert_prescription(
+            session=session, keyring=keyring, patient_external_id="P1", prescription=rx
+        )
+        session.commit()
+        every = list(queries.iter_patients(session=session, keyring=keyring))
+        some = list(queries.iter_patients(session=session, keyring=keyring, sealed={"birth_date"}))
+    full, partial = every[0].patient, some[0].patient
+    assert (full.given_name, every[0].prescriptions[0].medication) == ("Zebulon", "Drug 1")
+    assert (partial.given_name, partial.family_name, some[0].prescriptions[0].medication) == (
+        "",
+        "",
+        "",
+    )
+    assert partial.birth_date == full.birth_date and partial.zones == full.zones
+    assert some[0].prescriptions[0].refill_due == rx.refill_due
+
+
 def test_patients_by_phone_uses_the_blind_index(
     session_factory: sessionmaker[Session], keyring: Keyring
 ) -> None:
