@@ -33,6 +33,9 @@ BACKOFF_CAP = timedelta(minutes=10)
 # How far before a claim the provider is asked about: covers clock skew between hosts.
 LOOKUP_MARGIN = timedelta(seconds=60)
 STOP_POLL = 0.1  # seconds between looks at the stop flag while waiting for a rate slot
+# Rows whose rate slot comes within this many seconds pass the send gate together: a row is
+# marked started at most this long before its provider call (engine.dispatch_gate).
+GATE_HORIZON = 0.05
 _PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{4,}\d")
 
 
@@ -126,7 +129,7 @@ def send_claimed(
             return SendOutcome(claimed, found=found)
     if stop.is_set() or not limiter.acquire() or stop.is_set():
         return SendOutcome(claimed, released=True)
-    if not gate.admit(claimed).result():
+    if not gate.admit(claimed):
         return SendOutcome(claimed, withheld=True)
     try:
         result = transport.send(_message(claimed))
@@ -136,46 +139,17 @@ def send_claimed(
 
 
 class Lanes:
-    """How many rows an async sender works on at once: `calls` provider calls (the
-    concurrency), and twice as many rows past their turn in line, so that the next rows
-    pass the send gate while the previous ones' calls are in flight."""
+    """How an async sender works through its rows: at most `calls` provider calls at once
+    (the concurrency), in groups of that many rows that pass the send gate together, one
+    statement per group, with up to AHEAD groups past their turn in line (the next group
+    passes the gate while the previous one's calls are in flight)."""
+
+    AHEAD = 3
 
     def __init__(self, concurrency: int) -> None:
-        self.calls = asyncio.Semaphore(concurrency)
-        self.ahead = asyncio.Semaphore(2 * concurrency)
-
-
-async def send_claimed_async(
-    claimed: Claimed,
-    *,
-    transport: AsyncTransport,
-    limiter: RateLimiter,
-    stop: threading.Event,
-    lanes: Lanes,
-    gate: SendGate,
-) -> SendOutcome:
-    """send_claimed on the transport's event loop, within `lanes`."""
-    async with lanes.ahead:
-        if claimed.previous_claim_at is not None:
-            since = _lookup_since(claimed)
-            try:
-                async with lanes.calls:
-                    records = await transport.sent_since_async(to=claimed.to, since=since)
-            except ProviderError as exc:
-                return _lookup_failed(claimed, exc)
-            found = matching_records(records, to=claimed.to, body=claimed.body)
-            if found:
-                return SendOutcome(claimed, found=found)
-        if stop.is_set() or not await _await_slot(limiter.reserve(), stop) or stop.is_set():
-            return SendOutcome(claimed, released=True)
-        if not await asyncio.wrap_future(gate.admit(claimed)):
-            return SendOutcome(claimed, withheld=True)
-        try:
-            async with lanes.calls:
-                result = await transport.send_async(_message(claimed))
-        except ProviderError as exc:
-            return SendOutcome(claimed, error=exc)
-        return SendOutcome(claimed, result=result)
+        self.size = max(1, concurrency)
+        self.calls = asyncio.Semaphore(self.size)
+        self.ahead = asyncio.Semaphore(self.AHEAD)
 
 
 async def send_batch_async(
@@ -188,20 +162,99 @@ async def send_batch_async(
     lanes: Lanes,
     gate: SendGate,
 ) -> None:
-    """send_claimed_async for each row of a batch, each outcome set on its future (one
-    hand-over to the event loop per batch instead of one per row)."""
+    """send_claimed for a batch on the transport's event loop, each outcome set on its
+    future (one hand-over to the loop per batch), a group of `lanes.size` rows at a time."""
+    rows = list(zip(batch, futures, strict=True))
+    groups = [rows[i : i + lanes.size] for i in range(0, len(rows), lanes.size)]
+    sender = _GroupSender(transport, limiter, stop, lanes, gate)
+    await asyncio.gather(*(sender.group(g) for g in groups))
 
-    async def one(claimed: Claimed, future: Future[SendOutcome]) -> None:
+
+class _GroupSender:
+    def __init__(
+        self,
+        transport: AsyncTransport,
+        limiter: RateLimiter,
+        stop: threading.Event,
+        lanes: Lanes,
+        gate: SendGate,
+    ) -> None:
+        self.transport, self.limiter, self.stop = transport, limiter, stop
+        self.lanes, self.gate = lanes, gate
+
+    async def group(self, rows: list[tuple[Claimed, Future[SendOutcome]]]) -> None:
+        """Look up earlier attempts, take rate slots, pass the gate, send: as send_claimed
+        does for one row. An exception is passed on to the rows not answered yet, as an
+        executor would (they stay `sending`)."""
         try:
-            outcome = await send_claimed_async(
-                claimed, transport=transport, limiter=limiter, stop=stop, lanes=lanes, gate=gate
-            )
-        except Exception as exc:  # passed on, as an executor would: the row stays `sending`
-            future.set_exception(exc)
-        else:
-            future.set_result(outcome)
+            async with self.lanes.ahead:
+                await self._group(rows)
+        except Exception as exc:
+            for _, future in rows:
+                if not future.done():
+                    future.set_exception(exc)
 
-    await asyncio.gather(*(one(c, f) for c, f in zip(batch, futures, strict=True)))
+    async def _group(self, rows: list[tuple[Claimed, Future[SendOutcome]]]) -> None:
+        looked = await asyncio.gather(*(self._look_up(c) for c, _ in rows))
+        todo = []
+        for (claimed, future), outcome in zip(rows, looked, strict=True):
+            if outcome is None:
+                todo.append((claimed, future))
+            else:
+                future.set_result(outcome)
+        if not todo:
+            return
+        slots = [time.monotonic() + self.limiter.reserve() for _ in todo]
+        waiting = list(zip(todo, slots, strict=True))
+        sends = []
+        while waiting:  # rows whose rate slot comes within GATE_HORIZON pass the gate together
+            if self.stop.is_set() or not await _await_slot(
+                waiting[0][1] - time.monotonic() - GATE_HORIZON, self.stop
+            ):
+                for (claimed, future), _ in waiting:
+                    future.set_result(SendOutcome(claimed, released=True))
+                break
+            horizon = time.monotonic() + GATE_HORIZON
+            due = [item for item in waiting if item[1] <= horizon]
+            waiting = waiting[len(due) :]
+            admitted = await self.gate.admit_group_async([c for (c, _), _ in due])
+            sends += [
+                asyncio.ensure_future(self._send(c, f, slot, c.outbox_id in admitted))
+                for (c, f), slot in due
+            ]
+        await asyncio.gather(*sends)
+
+    async def _look_up(self, claimed: Claimed) -> SendOutcome | None:
+        """When an earlier attempt failed unclearly: its outcome if it went out after all
+        (or if the provider cannot be asked now); None: send."""
+        if claimed.previous_claim_at is None:
+            return None
+        try:
+            async with self.lanes.calls:
+                records = await self.transport.sent_since_async(
+                    to=claimed.to, since=_lookup_since(claimed)
+                )
+        except ProviderError as exc:
+            return _lookup_failed(claimed, exc)
+        found = matching_records(records, to=claimed.to, body=claimed.body)
+        return SendOutcome(claimed, found=found) if found else None
+
+    async def _send(
+        self, claimed: Claimed, future: Future[SendOutcome], slot: float, admitted: bool
+    ) -> None:
+        if not admitted:
+            future.set_result(SendOutcome(claimed, withheld=True))
+            return
+        if not await _await_slot(slot - time.monotonic(), self.stop):
+            future.set_result(SendOutcome(claimed, released=True))
+            return
+        try:
+            async with self.lanes.calls:
+                result = await self.transport.send_async(_message(claimed))
+        except ProviderError as exc:
+            future.set_result(SendOutcome(claimed, error=exc))
+        else:
+            future.set_result(SendOutcome(claimed, result=result))
 
 
 async def _await_slot(delay: float, stop: threading.Event) -> bool:
