@@ -120,17 +120,31 @@ class _Waiters:
         else:
             self.threads.append(waiter)
 
-    def answer(self, started: set[int]) -> None:
+    def answer(self, started: set[int] | GateUnavailable) -> None:
+        """The ids marked started, or the error that kept the gate from marking any."""
         for future in self.threads:
-            future.set_result(started)
+            if isinstance(started, GateUnavailable):
+                future.set_exception(started)
+            else:
+                future.set_result(started)
         for loop, waiting in self.loops.items():
             loop.call_soon_threadsafe(_resolve, waiting, started)
 
 
-def _resolve(futures: list[asyncio.Future[set[int]]], started: set[int]) -> None:
+def _resolve(futures: list[asyncio.Future[set[int]]], started: set[int] | GateUnavailable) -> None:
     for future in futures:
-        if not future.done():  # its sender may have been cancelled meanwhile
+        if future.done():  # its sender may have been cancelled meanwhile
+            continue
+        if isinstance(started, GateUnavailable):
+            future.set_exception(started)
+        else:
             future.set_result(started)
+
+
+class GateUnavailable(Exception):
+    """The marks could not be written (the database is unreachable): nothing may be sent;
+    the rows are released, or, if that cannot be recorded either, reconciled later as
+    never started."""
 
 
 class SendGate:
@@ -159,15 +173,16 @@ class SendGate:
         self.statements = 0
 
     def admit(self, claimed: Claimed) -> bool:
-        """True when the row is marked started (send it now); False when it may not go
-        (or the mark could not be written)."""
+        """True when the row is marked started (send it now); False when it may not go.
+        Raises GateUnavailable when the mark could not be written."""
         future: Future[set[int]] = Future()
         if not self._ask([claimed], future):
             return False
         return claimed.outbox_id in future.result()
 
     async def admit_group_async(self, rows: list[Claimed]) -> set[int]:
-        """The ids of `rows` marked started, for a coroutine on the running loop."""
+        """The ids of `rows` marked started, for a coroutine on the running loop (raises
+        GateUnavailable as `admit` does)."""
         future: asyncio.Future[set[int]] = asyncio.get_running_loop().create_future()
         if not self._ask(rows, future):
             return set()
@@ -222,13 +237,14 @@ class SendGate:
             for claimed in rows:
                 claims[claimed.claimed_at].append(claimed.outbox_id)
             waiters.add(waiter)
-        started: set[int] = set()
+        marked: set[int] = set()
+        started: set[int] | GateUnavailable = marked
         try:
             now = self.clock()
             connection = connection or self.bind.connect()
             with connection.begin():
                 for claimed_at, ids in claims.items():
-                    started |= start_sends(
+                    marked |= start_sends(
                         session=connection,
                         worker_id=self.worker_id,
                         claimed_at=claimed_at,
@@ -236,14 +252,14 @@ class SendGate:
                         now=now,
                     )
                     self.statements += 1
-        except Exception as exc:  # not marked: not sent (the rows are released)
+        except Exception as exc:  # nothing marked: nothing sent (the rows are released)
             log.error(
                 "dispatch.gate_failed",
                 extra={"fields": {"worker": self.worker_id, "rows": len(batch),
                                   "error": type(exc).__name__}},
                 exc_info=True,
             )  # fmt: skip
-            started = set()
+            started = GateUnavailable(f"send gate: {type(exc).__name__}")
             if connection is not None:
                 connection.invalidate()
                 connection.close()

@@ -10,7 +10,8 @@ reconciliation has taken over meanwhile is left alone (and logged).
     transient (429, 5xx, 30001/30008,
     no answer)                        -> queued at now + backoff, attempts + 1;
                                          failed after max_attempts
-    worker stopping before the call   -> queued again, claim released
+    worker stopping before the call,
+    or the send gate unreachable      -> queued again, claim released
     withheld by the send gate         -> queued again at now + REVOCATION_MARGIN, to be
                                          decided afresh (blocked, if the opt-out stands);
                                          left alone when the opt-out cancelled it already

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from engine.dispatch_claim import Claimed
-from engine.dispatch_gate import SendGate
+from engine.dispatch_gate import GateUnavailable, SendGate
 from engine.transports.base import (
     AsyncTransport,
     OutboundMessage,
@@ -129,8 +129,11 @@ def send_claimed(
             return SendOutcome(claimed, found=found)
     if stop.is_set() or not limiter.acquire() or stop.is_set():
         return SendOutcome(claimed, released=True)
-    if not gate.admit(claimed):
-        return SendOutcome(claimed, withheld=True)
+    try:
+        if not gate.admit(claimed):
+            return SendOutcome(claimed, withheld=True)
+    except GateUnavailable:
+        return SendOutcome(claimed, released=True)
     try:
         result = transport.send(_message(claimed))
     except ProviderError as exc:
@@ -217,7 +220,12 @@ class _GroupSender:
             horizon = time.monotonic() + GATE_HORIZON
             due = [item for item in waiting if item[1] <= horizon]
             waiting = waiting[len(due) :]
-            admitted = await self.gate.admit_group_async([c for (c, _), _ in due])
+            try:
+                admitted = await self.gate.admit_group_async([c for (c, _), _ in due])
+            except GateUnavailable:
+                for (claimed, future), _ in due:
+                    future.set_result(SendOutcome(claimed, released=True))
+                continue
             sends += [
                 asyncio.ensure_future(self._send(c, f, slot, c.outbox_id in admitted))
                 for (c, f), slot in due

@@ -5,21 +5,33 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta
+from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from engine import outbox_status as st
 from engine.core.domain import ConsentEvent
 from engine.dispatch_claim import Claimed
-from engine.dispatch_gate import REVOCATION_MARGIN, start_sends, wait_for_sends
+from engine.dispatch_gate import (
+    REVOCATION_MARGIN,
+    GateUnavailable,
+    SendGate,
+    start_sends,
+    wait_for_sends,
+)
 from engine.dispatch_record import WITHHELD_REASON, RecordContext, record_outcomes
-from engine.dispatch_send import SendOutcome
+from engine.dispatch_send import Lanes, SendOutcome, send_batch_async, send_claimed
 from engine.dispatcher import RateLimiter, reconcile_stale
 from engine.inbound import InboundSms, handle_inbound
 from engine.store import consent_queries
 from engine.store import models as m
+from engine.store.db import make_engine, make_session_factory
+from engine.transports.base import is_async
 from engine.transports.console import ConsoleTransport
 from tests.integration import dispatch_fixtures as fx
 from tests.integration.conftest import SandboxHandle
@@ -214,3 +226,34 @@ def test_withheld_outcome_requeues_with_a_reason(ob: Outbox) -> None:
     assert ob.get(cancelled).status == st.CANCELLED
     with ob.sf() as session:
         assert session.scalar(select(m.Outbox.status).where(m.Outbox.id == held)) == st.QUEUED
+
+
+def test_a_gate_that_cannot_write_its_mark_releases_rows_and_sends_nothing(
+    tmp_path: Path, sandbox: SandboxHandle, transport: Any
+) -> None:
+    broken = make_engine(f"sqlite:///{tmp_path / 'missing' / 'engage.db'}", sqlite_immediate=True)
+    gate = SendGate(make_session_factory(broken), "w1", lambda: datetime.now(UTC))
+    claimed = Claimed(1, 1, phone(99), "text", 0, datetime.now(UTC))
+    try:
+        with pytest.raises(GateUnavailable):
+            gate.admit(claimed)
+        if is_async(transport):
+            outcome = _send_async(claimed, transport, gate)
+        else:
+            stop = threading.Event()
+            limiter = RateLimiter(None)
+            outcome = send_claimed(claimed, transport=transport, limiter=limiter, stop=stop,
+                                   gate=gate)  # fmt: skip
+    finally:
+        gate.close()
+        broken.dispose()
+    assert outcome.released and not outcome.withheld
+    assert sandbox.create_requests_per_to() == {}
+
+
+def _send_async(claimed: Claimed, transport: Any, gate: SendGate) -> SendOutcome:
+    future: Future[SendOutcome] = Future()
+    batch = send_batch_async([claimed], [future], transport=transport, limiter=RateLimiter(None),
+                             stop=threading.Event(), lanes=Lanes(4), gate=gate)  # fmt: skip
+    transport.submit(batch).result(timeout=10)
+    return future.result(timeout=10)
