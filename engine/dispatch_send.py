@@ -173,17 +173,13 @@ async def send_batch_async(
     await asyncio.gather(*(sender.group(g) for g in groups))
 
 
+@dataclass(frozen=True)
 class _GroupSender:
-    def __init__(
-        self,
-        transport: AsyncTransport,
-        limiter: RateLimiter,
-        stop: threading.Event,
-        lanes: Lanes,
-        gate: SendGate,
-    ) -> None:
-        self.transport, self.limiter, self.stop = transport, limiter, stop
-        self.lanes, self.gate = lanes, gate
+    transport: AsyncTransport
+    limiter: RateLimiter
+    stop: threading.Event
+    lanes: Lanes
+    gate: SendGate
 
     async def group(self, rows: list[tuple[Claimed, Future[SendOutcome]]]) -> None:
         """Look up earlier attempts, take rate slots, pass the gate, send: as send_claimed

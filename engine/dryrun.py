@@ -26,6 +26,7 @@ from engine.core.domain import (
     Prescription,
     SentMessage,
 )
+from engine.core.memo import keep
 from engine.core.policy import RULE_ERRORS
 from engine.crypto import PatientCipher
 from engine.definitions import DefinitionSet
@@ -172,9 +173,8 @@ _MEMOS: dict[int, tuple[CompiledExpression, AudienceMemo | None]] = {}
 def _memo_of(audience: CompiledExpression) -> AudienceMemo | None:
     entry = _MEMOS.get(id(audience))
     if entry is None or entry[0] is not audience:  # not another's, whose id was reused
-        if len(_MEMOS) >= 256:
-            _MEMOS.clear()
-        entry = _MEMOS[id(audience)] = (audience, audience_memo(audience.uses))
+        entry = (audience, audience_memo(audience.uses))
+        keep(_MEMOS, id(audience), entry, limit=256)
     return entry[1]
 
 

@@ -18,6 +18,7 @@ from engine.core.domain import (
     Patient,
     RuleResult,
 )
+from engine.core.memo import keep
 from engine.crypto import PatientCipher, new_token
 from engine.definitions import DefinitionSet
 from engine.dryrun import Anchor, preview_link
@@ -130,11 +131,7 @@ def _reasons(decision: Decision) -> tuple[RuleResult, ...]:
     known = _REASONS.get(id(decision))
     if known is not None and known[0] is decision:  # not another's, whose id was reused
         return known[1]
-    if len(_REASONS) >= 4096:
-        _REASONS.clear()
-    reasons = decision.reasons
-    _REASONS[id(decision)] = (decision, reasons)
-    return reasons
+    return keep(_REASONS, id(decision), (decision, decision.reasons), limit=4096)[1]
 
 
 def placement(

@@ -21,6 +21,7 @@ from engine.core.cel_variables import (
     PRESCRIPTION_FIELDS,
 )
 from engine.core.domain import Appointment, Patient, Prescription
+from engine.core.memo import keep, recall
 
 MEMO_LIMIT = 4096
 Anchor = Prescription | Appointment | None
@@ -47,19 +48,10 @@ class AudienceMemo:
         return (now, now.tzinfo, type(anchor), patient_facts, anchor_facts)
 
     def remembered(self, key: tuple[Any, ...]) -> bool | None:
-        try:
-            return self.results.get(key)
-        except TypeError:  # an unhashable fact: not remembered
-            return None
+        return recall(self.results, key)
 
     def remember(self, key: tuple[Any, ...], result: bool) -> None:
-        try:
-            hash(key)
-        except TypeError:
-            return
-        if len(self.results) >= MEMO_LIMIT:
-            self.results.clear()
-        self.results[key] = result
+        keep(self.results, key, result, limit=MEMO_LIMIT)
 
 
 def audience_memo(uses: Uses) -> AudienceMemo | None:

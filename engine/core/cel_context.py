@@ -60,6 +60,7 @@ from engine.core.cel_variables import (  # re-exported: the variables' names and
     sample_patient,
     sample_policy_variables,
 )
+from engine.core.memo import keep
 
 __all__ = [
     "APPOINTMENT_FIELDS", "AUDIENCE_NAMES", "BOUND", "CONSENT_FIELDS", "DAY",
@@ -142,10 +143,7 @@ class CompiledExpression:
         except TypeError:  # an unhashable value: evaluate
             return self.run(activation())
         if known is _UNKNOWN:
-            known = self.run(activation())
-            if len(self.results) >= MEMO_LIMIT:
-                self.results.clear()
-            self.results[key] = known
+            known = keep(self.results, key, self.run(activation()), limit=MEMO_LIMIT)
         return known
 
 

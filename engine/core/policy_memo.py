@@ -21,6 +21,7 @@ from typing import Any
 from engine.core.cel_uses import Uses
 from engine.core.cel_variables import PATIENT_SOURCES
 from engine.core.domain import ConsentState, Decision, DecisionContext, Patient
+from engine.core.memo import keep, recall
 
 MEMO_LIMIT = 8192
 POLICY_ERROR = "policy-error: "
@@ -65,22 +66,12 @@ class DecisionKeys:
         )
 
     def remembered(self, key: tuple[Any, ...]) -> Decision | None:
-        try:
-            return self.decisions.get(key)
-        except TypeError:  # an unhashable fact (not from the store): not remembered
-            return None
+        return recall(self.decisions, key)
 
     def remember(self, key: tuple[Any, ...], decision: Decision) -> None:
         """Keep `decision` unless a rule failed on it (errors are not remembered)."""
-        if any(r.message.startswith(POLICY_ERROR) for r in decision.trace):
-            return
-        try:
-            hash(key)
-        except TypeError:
-            return
-        if len(self.decisions) >= MEMO_LIMIT:
-            self.decisions.clear()
-        self.decisions[key] = decision
+        if not any(r.message.startswith(POLICY_ERROR) for r in decision.trace):
+            keep(self.decisions, key, decision, limit=MEMO_LIMIT)
 
 
 def decision_keys(uses: Uses, kinds: set[str]) -> DecisionKeys | None:

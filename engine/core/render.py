@@ -34,6 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from engine.core import sms
 from engine.core.domain import RenderedMessage, Template
+from engine.core.memo import keep
 
 Severity = Literal["error", "warning", "info"]
 MAX_INTERMEDIATE = 10_000  # longest string one expression may build (replace, *)
@@ -320,9 +321,7 @@ def render(
             return known
     message = _render(compiled, variables, max_length)
     if key is not None:
-        if len(compiled.rendered) >= MEMO_LIMIT:
-            compiled.rendered.clear()
-        compiled.rendered[key] = message
+        keep(compiled.rendered, key, message, limit=MEMO_LIMIT)
     return message
 
 

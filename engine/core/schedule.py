@@ -15,6 +15,7 @@ import json.encoder
 from datetime import UTC, date, datetime, time, timedelta
 
 from engine.core.domain import Appointment, Campaign, Occurrence, Patient, Prescription, Schedule
+from engine.core.memo import keep
 from engine.core.zones import get_zone
 
 Anchor = Prescription | Appointment | None
@@ -139,9 +140,7 @@ def _due_times(
     if shared is not None and shared[0] is schedule:  # the id is not another's, reused
         return shared[1]
     found = _window(campaign, anchor, zone, not_after, alive_at)
-    if len(_SHARED) >= SHARED_LIMIT:
-        _SHARED.clear()
-    _SHARED[key] = (schedule, found)
+    keep(_SHARED, key, (schedule, found), limit=SHARED_LIMIT)
     return found
 
 
