@@ -11,7 +11,6 @@ clear.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,16 +27,13 @@ from engine.core.domain import ConsentEvent
 from engine.core.inbound import (
     KEYWORD_METHODS,
     Classification,
-    advance,
     classify,
     regrantable,
-    reported_status,
 )
 from engine.crypto import Keyring, PatientCipher
 from engine.definitions import DefinitionSet
 from engine.dispatch_claim import PROGRAM_CAMPAIGN, PROGRAM_REPLY_RULE
 from engine.dispatch_gate import withdrawable
-from engine.dispatch_record import RecordContext, revoke_for_carrier_opt_out
 from engine.store import consent_queries, queries
 from engine.store import models as m
 from engine.store.outbox_queries import body_field
@@ -45,7 +41,6 @@ from engine.store.outbox_queries import body_field
 log = logging.getLogger("engine.inbound")
 
 KEYWORD_METHOD = "sms_keyword"
-CARRIER_OPT_OUT_CODE = 21610
 REPLY_LIFETIME = timedelta(days=1)
 _REPLY_FOR = {"opt_out": "stop", "opt_in": "start", "help": "help"}
 
@@ -140,7 +135,7 @@ def _store(
         .values(
             provider_sid=message.message_sid,
             from_index=sender.phone_index,
-            to_number=_printable(message.to_number)[:32],
+            to_number=printable(message.to_number)[:32],
             patient_id=first.id if first else None,
             body_enc=body_enc,
             classification=kind,
@@ -331,73 +326,6 @@ def _queue_reply(
     return row
 
 
-# --- delivery reports ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StatusReport:
-    message_sid: str
-    message_status: str
-    error_code: int | None = None
-    ref: str | None = None  # the outbox id the twilio transport put on the callback URL
-
-
-def handle_status(
-    *, session: Session, keyring: Keyring, defs: DefinitionSet, report: StatusReport, now: datetime
-) -> str:
-    """Move the row's status forward only; 21610 revokes and suppresses as the dispatcher does.
-
-    Returns what happened: unknown-message, moved, unchanged.
-    """
-    row = _reported_row(session, report)
-    if row is None:
-        log.info("inbound.status_unknown", extra={"fields": {"sid": report.message_sid}})
-        return "unknown-message"
-    fresh_error = report.error_code is not None and row.error_code != report.error_code
-    new = advance(row.status, reported_status(report.message_status))
-    if new is not None:
-        row.status, row.provider_status = new, report.message_status.strip().lower()[:16]
-        if row.provider_sid is None:
-            row.provider_sid = report.message_sid
-    if fresh_error and (new is not None or row.status in (status.UNDELIVERED, status.FAILED)):
-        row.error_code = report.error_code
-        said = _printable(report.message_status)[:32]
-        row.last_error = f"delivery report: {said} (error {report.error_code})"
-    if fresh_error and report.error_code == CARRIER_OPT_OUT_CODE:
-        ctx = RecordContext(worker_id="status-callback", now=now, defs=defs, keyring=keyring)
-        revoke_for_carrier_opt_out(
-            session=session,
-            patient_id=row.patient_id,
-            code=CARRIER_OPT_OUT_CODE,
-            ctx=ctx,
-            actor="twilio",
-        )
-        row.error_code = report.error_code
-    session.flush()
-    return "moved" if new is not None else "unchanged"
-
-
-def _reported_row(session: Session, report: StatusReport) -> m.Outbox | None:
-    """The row by provider sid, else by `ref` when that row holds no other sid (locked)."""
-    o = m.Outbox
-    lock = session.get_bind().dialect.name == "postgresql"
-    stmt = select(o).where(o.provider_sid == report.message_sid)
-    row = session.scalars(stmt.with_for_update() if lock else stmt).first()
-    outbox_id = _outbox_id(report.ref)
-    if row is not None or outbox_id is None:
-        return row
-    stmt = select(o).where(o.id == outbox_id)
-    row = session.scalars(stmt.with_for_update() if lock else stmt).first()
-    if row is None or row.provider_sid not in (None, report.message_sid):
-        return None
-    return row
-
-
-def _outbox_id(ref: str | None) -> int | None:
-    """The outbox id on the callback URL; None for anything that cannot be one."""
-    return int(ref) if ref and re.fullmatch(r"[0-9]{1,18}", ref) else None
-
-
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """`text` without control characters (PostgreSQL text refuses NUL) for a column."""
     return "".join(c for c in text if c.isprintable())

@@ -23,8 +23,9 @@ from xml.sax.saxutils import escape
 from flask import Blueprint, Response, abort, current_app, request
 from twilio.request_validator import RequestValidator
 
+from engine.delivery_status import StatusReport, handle_status
 from engine.dispatch_gate import wait_for_sends
-from engine.inbound import InboundSms, StatusReport, handle_inbound, handle_status
+from engine.inbound import InboundSms, handle_inbound
 from engine.web import now_of, runtime_of
 
 log = logging.getLogger("engine.inbound")
