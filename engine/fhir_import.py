@@ -99,6 +99,8 @@ def read_bundle(path: Path) -> Bundle:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise BundleError(f"not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BundleError("not readable: the JSON nests too deeply") from exc
     if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
         raise BundleError("not a FHIR Bundle (resourceType must be 'Bundle')")
     entries = data.get("entry") or []
@@ -109,6 +111,7 @@ def read_bundle(path: Path) -> Bundle:
     for n, entry in enumerate(entries):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         rtype = resource.get("resourceType", "?") if isinstance(resource, dict) else "?"
+        rtype = rtype if isinstance(rtype, str) else "?"
         if rtype not in KIND_OF:
             ignored[rtype] = ignored.get(rtype, 0) + 1
             continue
@@ -128,6 +131,8 @@ def _row(label: str, rtype: str, resource: Json, patients: dict[str, str]) -> Bu
         values = MAPPERS[rtype](resource, patients)
     except MappingError as exc:
         return BundleRow(label, kind, error=str(exc))
+    except (AttributeError, TypeError, KeyError) as exc:  # a shape the model let through
+        return BundleRow(label, kind, error=f"cannot map {rtype}: unexpected {exc}")
     return BundleRow(label, kind, {k: v for k, v in values.items() if v is not None})
 
 
@@ -150,10 +155,13 @@ def _patient_ids(entries: list[Any]) -> dict[str, str]:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
             continue
-        external_id = _patient_external_id(resource)
-        if resource.get("id"):
+        try:  # not validated yet: an invalid Patient is reported by its own row
+            external_id = _patient_external_id(resource)
+        except (AttributeError, TypeError, KeyError):
+            continue
+        if isinstance(resource.get("id"), str) and resource["id"]:
             refs[f"Patient/{resource['id']}"] = external_id
-        if entry.get("fullUrl"):
+        if isinstance(entry.get("fullUrl"), str) and entry["fullUrl"]:
             refs[entry["fullUrl"]] = external_id
     return refs
 

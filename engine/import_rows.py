@@ -8,6 +8,7 @@ whole. Writers return one outcome per record: a change, or why it was refused.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -57,8 +58,12 @@ class Fields:
         return (self.values.get(name) or "").strip()
 
     def take(self, name: str, parse: Callable[[str, str], T]) -> T | None:
+        raw = self.raw(name)
+        if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in raw):
+            self.errors.append(f"{name} contains a control character")
+            return None
         try:
-            return parse(name, self.raw(name))
+            return parse(name, raw)
         except RowError as exc:
             self.errors.append(str(exc))
             return None
@@ -271,7 +276,7 @@ def purpose(name: str, raw: str, purposes: Collection[str] | None) -> str:
 def positive_int(name: str, raw: str) -> int:
     if not raw:
         return 30
-    if not raw.isdigit() or int(raw) == 0:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:
         raise RowError(f"{name} '{raw}' is not a positive whole number of minutes")
     return int(raw)
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine import audit, fhir_import
 from engine.crypto import Keyring
+from engine.import_csv import Row, csv_rows, open_csv, undecodable
 from engine.import_rows import (
     WRITERS,
     Context,
@@ -194,8 +195,6 @@ def _position(label: Label) -> int:
 
 # --- sources ---------------------------------------------------------------------------------
 
-Row = tuple[Label, str, dict[str, str], str | None]  # label, kind, values, error
-
 
 @dataclass
 class _Source:
@@ -210,7 +209,7 @@ class _Source:
             for r in self.bundle.rows:
                 yield r.label, r.kind, r.values, r.error
             return
-        yield from _csv_rows(self.path, self.header, self.kind)
+        yield from csv_rows(self.path, self.header, self.kind)
 
     def total(self) -> int:
         if self.bundle is not None:
@@ -221,7 +220,7 @@ class _Source:
 
 def _source(path: Path) -> _Source:
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
+        with open_csv(path) as handle:
             if handle.read(4096).lstrip().startswith("{"):
                 return _bundle_source(path)
             handle.seek(0)
@@ -230,6 +229,8 @@ def _source(path: Path) -> _Source:
         return _Source(path, "patients", error=f"cannot read: {exc}")
     if not header:
         return _Source(path, "patients", error="the file is empty (a header row is needed)")
+    if any(undecodable(c) for c in header):
+        return _Source(path, "patients", error="the header row is not valid UTF-8")
     try:
         return _Source(path, detect_kind(header), header=header)
     except HeaderError as exc:
@@ -242,20 +243,6 @@ def _bundle_source(path: Path) -> _Source:
     except fhir_import.BundleError as exc:
         return _Source(path, "fhir", error=str(exc))
     return _Source(path, "fhir", bundle=bundle)
-
-
-def _csv_rows(path: Path, header: list[str], kind: str) -> Iterator[Row]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        next(reader)
-        line = reader.line_num + 1
-        for fields in reader:
-            if any(f.strip() for f in fields):
-                values = dict(zip(header, fields, strict=False))
-                wrong = len(fields) != len(header)
-                error = f"expected {len(header)} fields, found {len(fields)}" if wrong else None
-                yield line, kind, values, error
-            line = reader.line_num + 1
 
 
 def _extra_columns(source: _Source, context: Context) -> list[str]:

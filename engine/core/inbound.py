@@ -60,12 +60,18 @@ _TWILIO_TYPES: dict[str, Classification] = {"stop": "opt_out", "start": "opt_in"
 
 
 def normalize(body: str) -> str:
-    """Lower case, accents and apostrophes dropped, punctuation as spaces, one space each."""
+    """Lower case, accents, format characters and apostrophes dropped, punctuation as spaces,
+    one space each."""
     text = unicodedata.normalize("NFKD", body)
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    # Accents and invisible format characters (zero-width space, soft hyphen, BOM) go.
+    text = "".join(c for c in text if not _invisible(c)).lower()
     text = re.sub(r"['’`´]", "", text)
     text = re.sub(r"[^\w\s]|_", " ", text)
     return " ".join(text.split())
+
+
+def _invisible(c: str) -> bool:
+    return bool(unicodedata.combining(c)) or unicodedata.category(c) == "Cf"
 
 
 def _strip_courtesy(text: str) -> str:

@@ -12,19 +12,18 @@ from jinja2 import meta, nodes
 from engine.core import sms
 from engine.core.domain import Encoding, RenderedMessage, Template, Variable
 from engine.core.render import (
-    FORBIDDEN_NAMES,
     CompiledTemplate,
     OutputTooLong,
+    SandboxViolation,
     TemplateError,
     build_compiled,
-    const_str,
     file_line,
     parse_body,
     render,
-    static_problems,
     temporal_value,
     where_of,
 )
+from engine.core.template_rules import FORBIDDEN_NAMES, const_str, static_problems, too_deep
 
 Severity = Literal["error", "warning", "info"]
 
@@ -108,6 +107,8 @@ class _Lint:
         ast = parse_body(self.template)
         for line, message in static_problems(ast):
             self.add("error", line, message)
+        if too_deep(ast) is not None:  # the checks below recurse once per level
+            return None, None
         self.find_uses(ast)
         for name, line in self.uses.items():
             if name not in self.variables:
@@ -162,7 +163,9 @@ class _Lint:
             return render(compiled, values)
         except TemplateError as e:
             if case:
-                severity: Severity = "error" if isinstance(e, OutputTooLong) else "warning"
+                # A sandbox refusal is the template's doing whatever the values: an error.
+                refused = isinstance(e, OutputTooLong | SandboxViolation)
+                severity: Severity = "error" if refused else "warning"
                 message = f"rendering with {case} failed: {e.message}"
                 self.issues.append(LintIssue(severity, e.line, message, self.file))
             return None
@@ -249,15 +252,20 @@ def _worst(variable: Variable, name: str, fill: str = "x") -> Any:
     """A value of the variable's max_length; dates and numbers keep their example's type."""
     if temporal_value(variable.example) is not None:
         return variable.example
-    if variable.example.isdigit():
+    if _whole_number(variable.example):
         return int("9" * min(variable.max_length, 18))
     return fill * variable.max_length
 
 
 def _typical(variable: Variable, name: str) -> Any:
     example = variable.example
-    return int(example) if example.isdigit() else example or f"<{name}>"
+    return int(example) if _whole_number(example) else example or f"<{name}>"
 
 
 def _typed(variable: Variable) -> bool:
-    return temporal_value(variable.example) is not None or variable.example.isdigit()
+    return temporal_value(variable.example) is not None or _whole_number(variable.example)
+
+
+def _whole_number(text: str) -> bool:
+    """ASCII digits only: "²" and "١" are digits to str.isdigit, and int() refuses "²"."""
+    return text.isascii() and text.isdigit()

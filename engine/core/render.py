@@ -1,15 +1,11 @@
 """Sandboxed Jinja2 rendering of SMS templates (their lint is in engine.core.lint).
 
-Defense in depth. A static check over the template's AST rejects, naming the file line:
-  - any name, attribute or constant item starting with "_" (``''.__class__``,
-    ``x['__globals__']``, ``{% set __x %}``),
-  - the ``attr`` and ``format`` filters, ``.format``/``.format_map``, %-formatting and ``**``,
-  - every function or method call (SMS templates use filters instead),
-  - the names self, range, lipsum, dict, cycler, joiner, namespace, loop, caller, varargs, kwargs,
-  - ``{% for %}``, ``{% macro %}``, ``{% call %}`` (no loops or recursion: output stays bounded),
-    and include, import, extends and block (templates are self-contained).
-The runtime is an ImmutableSandboxedEnvironment with StrictUndefined, no globals, a short
-list of filters, no calls, bounded string repetition and a cap on the output length.
+Defense in depth: a static check over the template's AST (engine.core.template_rules)
+rejects, naming the file line, what an SMS template never needs (private names, calls,
+loops, macros, includes, containers, the attr and format filters...); the runtime is an
+ImmutableSandboxedEnvironment (engine.core.jinja_sandbox) with StrictUndefined, no globals,
+a short list of filters, a compiler that refuses the same constructs, no calls, bounded
+growth of every value and a cap on the output length.
 
 Block tags on a line of their own leave no blank line (trim_blocks, lstrip_blocks), and the
 text is stripped. Filters: upper, lower, title, capitalize, trim, truncate, replace, default,
@@ -22,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
@@ -30,14 +27,15 @@ from typing import Any, Literal
 import jinja2
 import jinja2.meta
 from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import SecurityError
 
-from engine.core import sms
+from engine.core import jinja_sandbox, sms
 from engine.core.domain import RenderedMessage, Template
 from engine.core.memo import keep
+from engine.core.template_rules import DIRECTIVE, check_pattern, static_problems, too_deep
 
 Severity = Literal["error", "warning", "info"]
-MAX_INTERMEDIATE = 10_000  # longest string one expression may build (replace, *)
+MAX_INTERMEDIATE = jinja_sandbox.MAX_INTERMEDIATE
 
 _FILTERS = ("abs", "capitalize", "count", "d", "default", "first", "float", "int", "join", "last")
 _FILTERS += ("length", "lower", "round", "string", "title", "trim", "truncate", "upper")
@@ -51,8 +49,6 @@ _NAMES = {
     " jueves viernes sábado domingo|lun mar mié jue vie sáb dom|a._m. p._m.",
 }
 _DEFAULT_PATTERNS = {"en": ("%B %-d", "%-I:%M %p"), "es": ("%-d de %B", "%-H:%M")}
-_DIRECTIVE = re.compile(r"%(-?)(.)")
-_DATE_CODES, _TIME_CODES = frozenset("aAbBdmyY"), frozenset("HIMp")
 _NUMBER_FIELDS = dict(d="day", m="month", y="year", Y="year", H="hour", I="hour", M="minute")
 
 
@@ -70,6 +66,10 @@ class TemplateError(Exception):
 
 class OutputTooLong(TemplateError):
     """The rendered text is longer than the caller's bound."""
+
+
+class SandboxViolation(TemplateError):
+    """The runtime sandbox refused something the template did (never a data problem)."""
 
 
 def language_of(locale: str) -> str:
@@ -106,16 +106,7 @@ def format_datetime(value: Any, pattern: str, language: str = "en") -> str:
         number = {"y": number % 100, "I": number % 12 or 12}.get(code, number)
         return str(number) if unpadded or code == "Y" else f"{number:02d}"
 
-    return _DIRECTIVE.sub(one, pattern)
-
-
-def check_pattern(pattern: str, *, date_ok: bool = True, time_ok: bool = True) -> None:
-    """Raise ValueError for a directive outside the safe subset or not applicable to the value."""
-    for _, code in _DIRECTIVE.findall(pattern):
-        if code not in _DATE_CODES | _TIME_CODES | {"%"}:
-            raise ValueError(f"unsupported date directive %{code}")
-        if (code in _DATE_CODES and not date_ok) or (code in _TIME_CODES and not time_ok):
-            raise ValueError(f"%{code} does not apply to a {'time' if date_ok else 'date'}")
+    return DIRECTIVE.sub(one, pattern)
 
 
 def temporal_value(value: Any) -> date | time | None:
@@ -132,39 +123,12 @@ def temporal_value(value: Any) -> date | time | None:
     return None
 
 
-def _replace(value: Any, old: Any, new: Any, count: int = -1) -> str:
-    """str.replace that refuses to build more than MAX_INTERMEDIATE characters."""
-    text, old, new = str(value), str(old), str(new)
-    hits = text.count(old) if count < 0 else min(count, text.count(old))
-    if len(text) + hits * (len(new) - len(old)) > MAX_INTERMEDIATE:
-        raise SecurityError("replace would build a string that is too long")
-    return text.replace(old, new, count)
-
-
-class _SmsSandbox(ImmutableSandboxedEnvironment):
-    """The Jinja sandbox, plus: no calls at all, no ** or %-formatting, bounded repetition."""
-
-    intercepted_binops = frozenset({"*", "**", "%"})
-
-    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
-        raise SecurityError(f"calling {obj!r} is not allowed in SMS templates")
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" or (operator == "%" and isinstance(left, str)):
-            raise SecurityError(f"the {operator} operator is not allowed in SMS templates")
-        if operator == "*":
-            size = max(len(x) if isinstance(x, str | list | tuple) else 0 for x in (left, right))
-            times = next((x for x in (left, right) if isinstance(x, int)), 1)
-            if size * times > MAX_INTERMEDIATE:
-                raise SecurityError("repetition would build a string that is too long")
-        return super().call_binop(context, operator, left, right)
-
-
 @functools.cache
 def make_environment(language: str = "en") -> jinja2.Environment:
     """The sandboxed environment for one language, built on first use and then shared."""
-    env = _SmsSandbox(
+    env = jinja_sandbox.SmsSandbox(
         undefined=jinja2.StrictUndefined,
+        finalize=jinja_sandbox.printable,
         autoescape=False,
         keep_trailing_newline=False,
         trim_blocks=True,
@@ -176,7 +140,8 @@ def make_environment(language: str = "en") -> jinja2.Environment:
     env.filters = {name: env.filters[name] for name in _FILTERS}
     env.filters["date"] = lambda v, p=date_pattern: format_datetime(v, p, language)
     env.filters["time"] = lambda v, p=time_pattern: format_datetime(v, p, language)
-    env.filters["replace"] = _replace
+    env.filters["replace"] = jinja_sandbox.replace
+    env.filters["join"] = jinja_sandbox.join
     env.filters["gsm"] = lambda v: sms.to_gsm(str(v))
     return env
 
@@ -231,77 +196,41 @@ def _syntax_error(template: Template, error: jinja2.TemplateSyntaxError) -> Temp
     return TemplateError(error.message or str(error), file=where_of(template), line=line)
 
 
+TOO_DEEP = "the template nests too deeply to compile"
+
+
 def parse_body(template: Template) -> nodes.Template:
     env = make_environment(language_of(template.locale))
     try:
         return env.parse(template.body, name=where_of(template), filename=where_of(template))
     except jinja2.TemplateSyntaxError as e:
         raise _syntax_error(template, e) from e
+    except RecursionError as e:  # the parser recurses once per level of nesting
+        line = file_line(template, busiest_line(env, template.body))
+        raise TemplateError(TOO_DEEP, file=where_of(template), line=line) from e
+
+
+def busiest_line(env: jinja2.Environment, body: str) -> int:
+    """The body line with the most tokens: where a too deeply nested template nests."""
+    try:
+        lines = Counter(lineno for lineno, _, _ in env.lexer.tokeniter(body, None))
+    except jinja2.TemplateSyntaxError:
+        return 1
+    return max(lines, key=lambda n: (lines[n], -n), default=1)
 
 
 def build_compiled(template: Template, ast: nodes.Template) -> CompiledTemplate:
     env = make_environment(language_of(template.locale))
+    deep = too_deep(ast)
+    if deep is not None:  # the compiler recurses once per level: refuse before it runs
+        raise TemplateError(TOO_DEEP, file=where_of(template), line=file_line(template, deep))
     try:
         code = env.compile(ast, name=where_of(template), filename=where_of(template))
     except jinja2.TemplateSyntaxError as e:
         raise _syntax_error(template, e) from e
+    except (RecursionError, SyntaxError) as e:  # Python's compiler has its own nesting limits
+        raise TemplateError(TOO_DEEP, file=where_of(template)) from e
     return CompiledTemplate(template, env.template_class.from_code(env, code, {}), ast)
-
-
-FORBIDDEN_NAMES = frozenset({"self", "range", "lipsum", "dict", "cycler", "joiner", "namespace"})
-FORBIDDEN_NAMES |= {"loop", "caller", "varargs", "kwargs"}
-_SELF_CONTAINED = "templates are self-contained: no include, import, extends or block"
-_FORBIDDEN_NODES: dict[type[nodes.Node], str] = {
-    nodes.For: "{% for %} loops are not allowed: an SMS template renders one bounded message",
-    nodes.Macro: "macros are not allowed in SMS templates",
-    nodes.CallBlock: "{% call %} is not allowed in SMS templates",
-    nodes.Pow: "the ** operator is not allowed in SMS templates",
-    **dict.fromkeys(
-        (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends, nodes.Block),
-        _SELF_CONTAINED,
-    ),
-}
-
-
-def static_problems(ast: nodes.Template) -> list[tuple[int, str]]:
-    """(body line, message) for every construct the SMS sandbox forbids, in template order."""
-    found = ((node.lineno, _problem(node)) for node in ast.find_all(nodes.Node))
-    return [(line, message) for line, message in found if message]
-
-
-def _problem(node: nodes.Node) -> str | None:
-    if type(node) in _FORBIDDEN_NODES:
-        return _FORBIDDEN_NODES[type(node)]
-    if isinstance(node, nodes.Name) and (node.name[:1] == "_" or node.name in FORBIDDEN_NAMES):
-        return f"the name {node.name!r} is not allowed in SMS templates"
-    if isinstance(node, nodes.Getattr | nodes.Getitem):
-        name = node.attr if isinstance(node, nodes.Getattr) else const_str(node.arg)
-        if name.startswith("_"):
-            return f"access to the private attribute {name!r} is not allowed"
-        if name in ("format", "format_map"):
-            return f"str.{name} is not allowed (format strings can reach attributes)"
-    if isinstance(node, nodes.Call):
-        return f"calling {_describe(node.node)} is not allowed: use a filter (e.g. |title)"
-    if isinstance(node, nodes.Mod) and isinstance(getattr(node.left, "value", None), str):
-        return "%-formatting is not allowed in SMS templates: join text with ~"
-    if isinstance(node, nodes.Filter) and node.name in ("attr", "format"):
-        return f"the {node.name!r} filter is not allowed in SMS templates"
-    if isinstance(node, nodes.Filter) and node.name in ("date", "time") and node.args:
-        try:
-            check_pattern(const_str(node.args[0]))
-        except ValueError as e:
-            return f"|{node.name}: {e}"
-    return None
-
-
-def const_str(node: nodes.Node) -> str:
-    return node.value if isinstance(node, nodes.Const) and isinstance(node.value, str) else ""
-
-
-def _describe(node: nodes.Node) -> str:
-    if isinstance(node, nodes.Getattr):
-        return f".{node.attr}()"
-    return f"{node.name}()" if isinstance(node, nodes.Name) else "a function"
 
 
 def render(
@@ -372,6 +301,8 @@ def _runtime_error(compiled: CompiledTemplate, error: Exception) -> TemplateErro
         message = f"missing variable: {error.message}"
     elif isinstance(error, SecurityError):
         message = f"blocked by the sandbox: {error.message}"
+        where = file_line(compiled.template, line)
+        return SandboxViolation(message, file=compiled.file, line=where)
     else:
         message = f"{type(error).__name__}: {error}"
     return TemplateError(message, file=compiled.file, line=file_line(compiled.template, line))

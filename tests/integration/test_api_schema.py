@@ -1,9 +1,12 @@
 """The OpenAPI document is valid OpenAPI 3.1 and describes exactly the /api/v1 routes, and
 schemathesis finds no server error, undocumented status or off-schema answer on any
-operation, with valid and invalid input (SQLite and PostgreSQL)."""
+operation, with valid and invalid input (SQLite and PostgreSQL); without a token, or with a
+wrong one, every operation answers 401 or 403, whatever the input."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
@@ -104,13 +107,40 @@ def test_schemathesis_finds_nothing(app: Flask, token: str) -> None:
                 _run(strategy, examples, headers)
 
 
+WRONG = [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic eDp5"}]
+WRONG += [{"Authorization": "Bearer "}, {"Authorization": "bearer\u00a0x"}]
+
+
+def test_every_operation_refuses_a_missing_or_wrong_token(app: Flask) -> None:
+    schema = schemathesis.openapi.from_wsgi("/api/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 12
+    for operation, headers in itertools.product(operations, WRONG):
+        for mode in EXAMPLES:
+            _run(operation.as_strategy(generation_mode=mode), 3, headers, _refused)
+
+
+def _refused(case: schemathesis.Case, headers: dict[str, str]) -> None:
+    response = case.call(headers=headers)
+    assert response.status_code in (401, 403), (case.method, case.path, response.status_code)
+
+
 def _known_patient(case: schemathesis.Case) -> schemathesis.Case:
     if isinstance(case.body, dict):
         case.body.update(KNOWN_BODY)
     return case
 
 
-def _run(strategy: object, examples: int, headers: dict[str, str]) -> None:
+def _validate(case: schemathesis.Case, headers: dict[str, str]) -> None:
+    case.call_and_validate(headers=headers, checks=CHECKS)
+
+
+def _run(
+    strategy: object,
+    examples: int,
+    headers: dict[str, str],
+    check: Callable[[schemathesis.Case, dict[str, str]], None] = _validate,
+) -> None:
     @given(case=strategy)
     @hypothesis_settings(
         max_examples=examples,
@@ -121,6 +151,6 @@ def _run(strategy: object, examples: int, headers: dict[str, str]) -> None:
         suppress_health_check=list(HealthCheck),
     )
     def exercise(case: schemathesis.Case) -> None:
-        case.call_and_validate(headers=headers, checks=CHECKS)
+        check(case, headers)
 
     exercise()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from engine import outbox_status as outbox
@@ -194,6 +194,33 @@ def test_every_keyword_in_any_case_and_wrapping_is_understood(
     word, expected = keyword
     body = "".join(before) + _mangle_case(word, flips) + "".join(after)
     assert classify(body) == expected, body
+
+
+# Invisible format characters (Cf) a phone keyboard or a copy-paste may slip into a word.
+INVISIBLE = st.sampled_from(["\u200b", "\u200c", "\u200d", "\u2060", "\u00ad", "\ufeff", "\u200e"])
+# Compatibility forms that NFKD folds to ASCII: fullwidth, mathematical bold, circled.
+FORMS = st.sampled_from([0xFF21 - 0x41, 0x1D400 - 0x41, 0x24B6 - 0x41, 0])
+
+
+def _styled(word: str, offset: int) -> str:
+    return "".join(chr(ord(c) + offset) if "A" <= c <= "Z" else c for c in word.upper())
+
+
+@given(
+    keyword=st.sampled_from(sorted(OPT_OUT_KEYWORDS)),
+    form=FORMS,
+    invisible=st.lists(st.tuples(st.integers(0, 20), INVISIBLE), max_size=3),
+)
+@example(keyword="stop", form=0, invisible=[(1, "\u200b")])
+@example(keyword="stop", form=0, invisible=[(2, "\u00ad")])
+def test_opt_out_keywords_in_unicode_disguise_are_still_opt_outs(
+    keyword: str, form: int, invisible: list[tuple[int, str]]
+) -> None:
+    """CTIA: a STOP is honoured however the phone spells it (ＳＴＯＰ, 𝐒𝐓𝐎𝐏, S\u200bTOP)."""
+    body = _styled(keyword, form)
+    for at, char in invisible:
+        body = body[:at] + char + body[at:]
+    assert classify(body) == "opt_out", ascii(body)
 
 
 @given(
