@@ -95,6 +95,7 @@ def authenticate(*, session: Session, username: str, password: str, now: datetim
         _verify(_DUMMY_HASH, password)
         return LoginResult("bad")
     if user.locked_until is not None and user.locked_until > now:
+        _verify(_DUMMY_HASH, password)  # as slow as any other answer
         return LoginResult("locked", user)
     if not _verify(user.password_hash, password):
         user.failed_logins += 1
@@ -108,6 +109,25 @@ def authenticate(*, session: Session, username: str, password: str, now: datetim
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)
     return LoginResult("ok", user)
+
+
+# What ends every web session of a user begun before it (engine.web.auth's loader).
+SESSION_ENDING = ("logout", "user_disabled", "user_password_reset")
+
+
+def sessions_ended(*, session: Session, username: str, since: int) -> bool:
+    """Whether the user signed out, was disabled or had the password reset after the
+    audit entry `since` (their sign-in)."""
+    found = session.scalar(
+        select(m.AuditEntry.id)
+        .where(
+            m.AuditEntry.action.in_(SESSION_ENDING),
+            m.AuditEntry.subject == f"user:{username}",
+            m.AuditEntry.id > since,
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 def _verify(stored: str, password: str) -> bool:

@@ -41,6 +41,9 @@ def make_engine(url: str, *, sqlite_immediate: bool = False, **kwargs: Any) -> E
     write lock up front: one writer at a time, no upgrade deadlocks); PostgreSQL ignores it.
     """
     url = normalize_url(url)
+    # Bound values are PHI lookups (phone numbers, names): never in SQL logs or in the
+    # text of a database error.
+    kwargs.setdefault("hide_parameters", True)
     if make_url(url).get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return create_engine(url, **kwargs)

@@ -54,7 +54,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
     # attached per blueprint below. In memory: each server process counts on its own.
     limiter = Limiter(get_remote_address, app=app, storage_uri="memory://")
     if settings.trust_proxy:
-        # Twilio signs the public URL; behind a proxy the request arrives on another.
+        # Behind one reverse proxy that terminates TLS: its X-Forwarded-For, -Proto, -Host,
+        # -Port and -Prefix are believed (one hop), so the client address, the https
+        # scheme (HSTS, below) and the public URL Twilio signs are the proxy's view.
+        # Without ENGAGE_TRUST_PROXY=1 these headers are ignored: anyone can send them.
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1
         )
@@ -99,14 +102,21 @@ ADMIN_HEADERS = {
 }
 
 
+# What no shared cache may keep: staff pages, API answers, metrics, webhook replies and
+# patient pages (whose own blueprint sets it too, but not on a 404 outside its routes).
+PRIVATE_PATHS = ("/admin", "/api", "/metrics", "/twilio", "/s/")
+
+
 def _security_headers(response: Response) -> Response:
-    """Every response: no framing, no sniffing, no inline script (pages that set a stricter
-    policy, like the patient page, keep theirs); HSTS when served over TLS."""
+    """Every response (pages, JSON, errors, static files, redirects): no framing, no
+    sniffing, no inline script (pages that set a stricter policy, like the patient page,
+    keep theirs); HSTS only when the request came over TLS, directly or, with
+    ENGAGE_TRUST_PROXY=1, as the proxy's X-Forwarded-Proto says (docs/web-security.md)."""
     for name, value in ADMIN_HEADERS.items():
         response.headers.setdefault(name, value)
     if request.is_secure:
         response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-    if request.path.startswith(("/admin", "/api")):
+    if request.path.startswith(PRIVATE_PATHS):
         response.headers.setdefault("Cache-Control", "no-store")
     return response
 

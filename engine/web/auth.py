@@ -1,14 +1,31 @@
 """Staff sign-in (Flask-Login sessions, argon2, lockout, per-client throttle), sign-out,
-and the permission checks every admin view and API endpoint goes through."""
+and the permission checks every admin view and API endpoint goes through.
+
+A session names its sign-in (the id of the `login` audit entry) and is bound to the
+password hash: sign-out, disabling the account or a password reset ends every session of
+the user on the server, so a copied cookie dies with them (docs/web-security.md).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, g, jsonify, redirect, request, session, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    request,
+    session,
+    url_for,
+)
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
@@ -30,23 +47,49 @@ R = TypeVar("R")
 
 
 class Staff(UserMixin):  # type: ignore[misc]
-    def __init__(self, user: m.User) -> None:
+    def __init__(self, user: m.User, session_key: str) -> None:
         self.id = str(user.id)
         self.username = user.username
         self.role = user.role
+        self.session_key = session_key
+
+    def get_id(self) -> str:
+        """What the session cookie holds: the user, the sign-in and their binding."""
+        return self.session_key
 
     @property
     def role_name(self) -> str:
         return accounts.ROLE_NAMES.get(self.role, self.role)
 
 
+def session_key(user: m.User, login_entry: int) -> str:
+    """`<user id>.<login audit entry id>.<mac>`, the mac over both and the password hash."""
+    return f"{user.id}.{login_entry}.{_session_mac(user, login_entry)}"
+
+
+def _session_mac(user: m.User, login_entry: int) -> str:
+    secret = current_app.config["SECRET_KEY"]
+    key = secret if isinstance(secret, bytes) else str(secret).encode()
+    message = f"session:{user.id}:{login_entry}:{user.password_hash}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+
+
 @login_manager.user_loader
-def _load(user_id: str) -> Staff | None:
-    if not user_id.isdigit():
+def _load(key: str) -> Staff | None:
+    """The signed-in user, unless their sessions were ended since this one began."""
+    user_id, _, rest = key.partition(".")
+    login_entry, _, mac = rest.partition(".")
+    if not (user_id.isdigit() and login_entry.isdigit() and mac):
         return None
     with ui.reading() as db:
         user = db.get(m.User, int(user_id))
-        return Staff(user) if user is not None and not user.disabled else None
+        if user is None or user.disabled:
+            return None
+        if not hmac.compare_digest(mac, _session_mac(user, int(login_entry))):
+            return None  # the password changed (or the key is forged)
+        if accounts.sessions_ended(session=db, username=user.username, since=int(login_entry)):
+            return None
+        return Staff(user, key)
 
 
 class LoginForm(FlaskForm):  # type: ignore[misc]
@@ -54,12 +97,12 @@ class LoginForm(FlaskForm):  # type: ignore[misc]
     password = PasswordField("Password", validators=[DataRequired(), Length(max=256)])
 
 
-FAILURES = {
-    "bad": "Wrong username or password.",
-    "disabled": "Wrong username or password.",
-    "locked": f"Too many failed attempts: this account is locked for "
-    f"{int(accounts.LOCKOUT.total_seconds() // 60)} minutes.",
-}
+# One answer for every failure, so that it never tells whether an account exists, is
+# disabled or is locked (OWASP ASVS 2.2.1, 3.2.x: no user enumeration).
+FAILED = (
+    f"Wrong username or password. After {accounts.MAX_FAILURES} failed attempts an account "
+    f"is locked for {int(accounts.LOCKOUT.total_seconds() // 60)} minutes."
+)
 
 
 @auth.route("/login", methods=["GET", "POST"])
@@ -76,7 +119,7 @@ def login() -> Response:
         )
         action = "login" if result.outcome == "ok" else "login_failed"
         details = {} if result.outcome == "ok" else {"reason": result.outcome}
-        audit.record(
+        entry = audit.record(
             session=db,
             actor=f"user:{username}" if result.user else "anonymous",
             action=action,
@@ -84,9 +127,11 @@ def login() -> Response:
             details={**details, "ip": request.remote_addr or ""},
             now=ui.now(),
         )
-        staff = Staff(result.user) if result.outcome == "ok" and result.user else None
+        staff = None
+        if result.outcome == "ok" and result.user:
+            staff = Staff(result.user, session_key(result.user, entry.id))
     if staff is None:
-        form.password.errors = [FAILURES[result.outcome]]
+        form.password.errors = [FAILED]
         return ui.page("admin/login.html", form=form, status=401)
     session.clear()  # a fresh session on sign-in: no fixation
     login_user(staff)
@@ -95,6 +140,7 @@ def login() -> Response:
 
 @auth.post("/logout")
 def logout() -> Response:
+    """Ends every session of the user (the `logout` entry is what the loader checks)."""
     if current_user.is_authenticated:
         ui.record("logout", f"user:{current_user.username}")
     logout_user()
@@ -181,5 +227,7 @@ def api_error(status: int, field: str, message: str, **more: Any) -> Response:
 
 def init_app(app: Any) -> None:
     login_manager.init_app(app)
+    # "Remember me" is never offered; should it be, its cookie is as guarded as the session's.
     app.config.setdefault("REMEMBER_COOKIE_HTTPONLY", True)
     app.config.setdefault("REMEMBER_COOKIE_SAMESITE", "Lax")
+    app.config.setdefault("REMEMBER_COOKIE_SECURE", app.config.get("SESSION_COOKIE_SECURE", False))

@@ -335,7 +335,7 @@ def test_pausing_and_resuming_is_audited(api: Api) -> None:
 def test_the_dry_run_answers_what_the_cli_prints(api: Api, engage: Engage) -> None:
     cli = json.loads(engage("dry-run", "statin-refill", "--at", AT, "--json").stdout)
     response = api.post(
-        "/api/v1/campaigns/statin-refill/dry-run", "marketer", json={"at": AT, "limit": 1000}
+        "/api/v1/campaigns/statin-refill/dry-run", "compliance", json={"at": AT, "limit": 1000}
     )
     assert response.status_code == 200
     answer = response.get_json()
@@ -362,7 +362,7 @@ def test_the_dry_run_answers_what_the_cli_prints(api: Api, engage: Engage) -> No
         api.post("/api/v1/campaigns/statin-refill/dry-run", "viewer", json={}), 403, "authorization"
     )
     runs = [e for e in api.audit() if e[1] == "campaign_dry_run"]
-    assert runs[0][:3] == ("token:marketer", "campaign_dry_run", "campaign:statin-refill")
+    assert runs[0][:3] == ("token:compliance", "campaign_dry_run", "campaign:statin-refill")
     assert runs[0][3]["decisions"] == len(cli["decisions"])
 
 

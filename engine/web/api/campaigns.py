@@ -139,7 +139,8 @@ def resume(campaign_id: str) -> Response:
     description=(
         "The object `engage dry-run CAMPAIGN --at AT --json` prints: every due occurrence is "
         "decided and counted in `summary`; `decisions` lists the first `limit` of them, "
-        "with patient external ids and the rendered text."
+        "with patient external ids, anchor records and the rendered text (which names "
+        "the patient) only for tokens with patients.view, else null."
     ),
     answer=api.DryRunReport,
     body=api.DryRunRequest,
@@ -152,6 +153,7 @@ def dry_run_campaign(campaign_id: str) -> Response:
     q = body(api.DryRunRequest)
     at = (q.at or ui.now()).astimezone(UTC)
     rt = runtime_of(current_app)
+    sees_patients = ui.can("patients.view")
     with ui.reading() as db:
         defs = ui.definitions(db)
         campaign = _campaign(defs, campaign_id)
@@ -160,7 +162,7 @@ def dry_run_campaign(campaign_id: str) -> Response:
         for evaluation in dry_run_stored(rt, db, defs, campaign=campaign, at=at, summary=summary):
             made += 1
             if made <= q.limit:
-                decisions.append(decision_json(evaluation))
+                decisions.append(_visible(decision_json(evaluation), sees_patients))
     report = api.DryRunReport.model_validate(
         {
             "campaign": campaign.id,
@@ -175,3 +177,12 @@ def dry_run_campaign(campaign_id: str) -> Response:
     )
     ui.record("campaign_dry_run", f"campaign:{campaign.id}", at=at.isoformat(), decisions=made)
     return answer(report)
+
+
+def _visible(decision: dict[str, object], sees_patients: bool) -> dict[str, object]:
+    """A decision as this token may see it: who it concerns and the text that names them
+    only with patients.view, as on the admin page and in GET /api/v1/decisions."""
+    if sees_patients:
+        return decision
+    label = str(decision["occurrence"]).rpartition("/")[2]
+    return {**decision, "patient": None, "occurrence": label, "text": None}

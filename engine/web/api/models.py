@@ -239,8 +239,10 @@ class DryRunDecision(BaseModel):
     """One entry of `engage dry-run --json`'s decisions (more fields may be added)."""
 
     model_config = ConfigDict(extra="allow")
-    patient: str
-    occurrence: str
+    patient: str | None = Field(description="Only for tokens with patients.view, else null.")
+    occurrence: str = Field(
+        description="anchor/label; the label alone for tokens without patients.view."
+    )
     idempotency_key: str
     due_at: IsoTime
     outcome: Outcome
