@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine import failpoints
 from engine import outbox_status as status
 from engine.dispatch_claim import PROGRAM_CAMPAIGN, Claimed
 from engine.store import models as m
@@ -241,6 +242,7 @@ class SendGate:
         started: set[int] | GateUnavailable = marked
         try:
             now = self.clock()
+            failpoints.hit("gate.before_mark")
             connection = connection or self.bind.connect()
             with connection.begin():
                 for claimed_at, ids in claims.items():
@@ -264,6 +266,7 @@ class SendGate:
                 connection.invalidate()
                 connection.close()
             connection = None
+        failpoints.hit("gate.after_mark")
         waiters.answer(started)
         return connection
 

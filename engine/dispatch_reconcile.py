@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine import failpoints
 from engine import outbox_status as status
 from engine.crypto import DecryptionError, Keyring
 from engine.dispatch_record import DEFAULT_MAX_ATTEMPTS, sids_taken
@@ -90,9 +91,13 @@ def reconcile_stale(
         )
     if not stale:
         return ReconcileReport()
+    failpoints.hit("reconcile.after_select")
     answers = [(row, _ask(transport, row)) for row in stale]
+    failpoints.hit("reconcile.after_ask")
     with session_factory.begin() as session:
         report = _settle(session, answers, now=now, max_attempts=max_attempts)
+        failpoints.hit("reconcile.before_commit")
+    failpoints.hit("reconcile.after_commit")
     fields = {"worker": worker_id, **report.fields()}
     log.info("dispatch.reconciled", extra={"fields": fields})
     return report

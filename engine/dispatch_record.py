@@ -28,7 +28,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from engine import audit
+from engine import audit, failpoints
 from engine import outbox_status as status
 from engine.core.domain import ConsentEvent
 from engine.crypto import Keyring
@@ -97,6 +97,7 @@ def record_outcomes(
     for patient_id, code in opted_out.items():
         revoke_for_carrier_opt_out(session=session, patient_id=patient_id, code=code, ctx=ctx)
     session.flush()
+    failpoints.hit("record.after_others")
     return counts
 
 
@@ -114,6 +115,7 @@ def record_accepted(
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     mine = set(session.scalars(stmt))
+    failpoints.hit("record.before_accepted")
     params = [
         {"oid": x.claimed.outbox_id, "sid": x.result.provider_sid, "pstatus": x.result.status}
         for x in outcomes
@@ -133,6 +135,7 @@ def record_accepted(
             ),
             params,
         )
+        failpoints.hit("record.after_accepted")
     for x in outcomes:
         if x.claimed.outbox_id not in mine:
             log.warning(

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from engine import failpoints
 from engine.dispatch_claim import Claimed
 from engine.dispatch_gate import GateUnavailable, SendGate
 from engine.transports.base import (
@@ -120,10 +121,12 @@ def send_claimed(
     """Send one claimed row, unless the worker is stopping, an earlier try went out or the
     gate refuses it (an opt-out since the claim)."""
     if claimed.previous_claim_at is not None:
+        failpoints.hit("send.before_lookup")
         try:
             records = transport.sent_since(to=claimed.to, since=_lookup_since(claimed))
         except ProviderError as exc:
             return _lookup_failed(claimed, exc)
+        failpoints.hit("send.after_lookup")
         found = matching_records(records, to=claimed.to, body=claimed.body)
         if found:
             return SendOutcome(claimed, found=found)
@@ -134,10 +137,13 @@ def send_claimed(
             return SendOutcome(claimed, withheld=True)
     except GateUnavailable:
         return SendOutcome(claimed, released=True)
+    failpoints.hit("send.before_call")
     try:
         result = transport.send(_message(claimed))
     except ProviderError as exc:
+        failpoints.hit("send.after_error")
         return SendOutcome(claimed, error=exc)
+    failpoints.hit("send.after_call")
     return SendOutcome(claimed, result=result)
 
 
@@ -222,6 +228,7 @@ class _GroupSender:
                 for (claimed, future), _ in due:
                     future.set_result(SendOutcome(claimed, released=True))
                 continue
+            failpoints.hit("send.group_admitted")
             sends += [
                 asyncio.ensure_future(self._send(c, f, slot, c.outbox_id in admitted))
                 for (c, f), slot in due
@@ -233,6 +240,7 @@ class _GroupSender:
         (or if the provider cannot be asked now); None: send."""
         if claimed.previous_claim_at is None:
             return None
+        failpoints.hit("send.before_lookup")
         try:
             async with self.lanes.calls:
                 records = await self.transport.sent_since_async(
@@ -240,6 +248,7 @@ class _GroupSender:
                 )
         except ProviderError as exc:
             return _lookup_failed(claimed, exc)
+        failpoints.hit("send.after_lookup")
         found = matching_records(records, to=claimed.to, body=claimed.body)
         return SendOutcome(claimed, found=found) if found else None
 
@@ -254,10 +263,13 @@ class _GroupSender:
             return
         try:
             async with self.lanes.calls:
+                failpoints.hit("send.before_call")
                 result = await self.transport.send_async(_message(claimed))
         except ProviderError as exc:
+            failpoints.hit("send.after_error")
             future.set_result(SendOutcome(claimed, error=exc))
         else:
+            failpoints.hit("send.after_call")
             future.set_result(SendOutcome(claimed, result=result))
 
 

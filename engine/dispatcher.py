@@ -59,6 +59,7 @@ from typing import Any, cast
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine import failpoints
 from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
 from engine.dispatch_claim import Claimed, claim_due
@@ -175,7 +176,10 @@ def _claim(
     for attempt in range(1, CLAIM_TRIES + 1):
         try:
             with session_factory.begin() as session:
-                return claim_due(session=session, **kwargs)  # type: ignore[arg-type]
+                claimed = claim_due(session=session, **kwargs)  # type: ignore[arg-type]
+                failpoints.hit("claim.before_commit")
+            failpoints.hit("claim.after_commit")
+            return claimed
         except OperationalError as exc:
             if attempt == CLAIM_TRIES:
                 raise

@@ -34,6 +34,7 @@ from prometheus_client import Histogram
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine import failpoints
 from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
 from engine.dispatch_reconcile import STALE_AFTER, ReconcileReport, reconcile_stale
@@ -192,6 +193,7 @@ class Worker:
         defs = self.definitions()
         if defs is None or self.stop.is_set():
             return DispatchReport()
+        failpoints.hit("worker.dispatch_tick")
         report = dispatch_until_idle(
             clock=self.clock,
             stop=self.stop,
@@ -205,11 +207,13 @@ class Worker:
             limiter=self.limiter,
             max_attempts=self.config.max_attempts,
         )
+        failpoints.hit("worker.dispatch_idle")
         if report.examined:
             log.info("dispatch.tick", extra={"fields": self.fields(**report.fields())})
         return report
 
     def reconcile_tick(self) -> ReconcileReport:
+        failpoints.hit("worker.reconcile_tick")
         return reconcile_stale(
             session_factory=self.session_factory,
             keyring=self.keyring,
@@ -230,6 +234,7 @@ class Worker:
         defs = self.definitions()
         if defs is None or self.stop.is_set():
             return
+        failpoints.hit("worker.plan_tick")
         report = planner.plan(
             defs,
             session_factory=self.plan_session_factory,
@@ -240,6 +245,7 @@ class Worker:
             actor=f"worker:{self.config.worker_id}",
             processes=self.settings.plan_processes,
         )
+        failpoints.hit("worker.planned")
         counts = {"inserted": report.inserted, "expired": report.expired}
         seconds = round(report.duration, 3)
         log.info("plan.tick", extra={"fields": self.fields(**counts, seconds=seconds)})
