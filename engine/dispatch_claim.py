@@ -205,7 +205,7 @@ def _claim_row(
         return None
     record = batch.records[row.patient_id]
     assert body is not None and record.phone is not None  # redecide denies otherwise
-    history = batch.histories.get(row.patient_id, History())
+    history = history_without_own_attempt(row, batch.histories)
     batch.histories[row.patient_id] = History((*history.sent, SentMessage(now, row.purpose)))
     previous = row.claimed_at if row.attempts > 0 else None
     row.status, row.claimed_by, row.claimed_at = status.SENDING, worker_id, now
@@ -240,7 +240,7 @@ def redecide(
         return _engine_deny("no-body", "the stored message body is missing or unreadable"), None
     facts = _message_facts(row, body, defs)
     consents = batch.consents.get(row.patient_id, {})
-    history = batch.histories.get(row.patient_id, History())
+    history = history_without_own_attempt(row, batch.histories)
     decision = policy.decide(
         defs.policy_set, DecisionContext(record.patient, consents, facts, history, now)
     )
@@ -253,6 +253,21 @@ def redecide(
         )
         decision = replace(decision, outcome="deny", send_at=None, trace=(*decision.trace, reason))
     return decision, body
+
+
+def history_without_own_attempt(row: m.Outbox, histories: Mapping[int, History]) -> History:
+    """The patient's history for deciding `row` again: without the row's own earlier
+    attempt, which the history counts as sent until the provider has said (a row is not
+    capped by itself)."""
+    history = histories.get(row.patient_id, History())
+    if row.claimed_at is None or not outbox_queries.unsettled(row.attempts, row.claimed_at):
+        return history
+    own = SentMessage(row.claimed_at, row.purpose)
+    if own not in history.sent:
+        return history
+    sent = list(history.sent)
+    sent.remove(own)
+    return History(tuple(sent))
 
 
 def is_program_reply(row: m.Outbox) -> bool:

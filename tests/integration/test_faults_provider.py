@@ -91,12 +91,6 @@ def test_provider_errors_at_chosen_rates_never_text_twice_nor_lose_a_row(
     assert retried > 0, line  # the faults bit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a row whose last attempt got no answer is queued without counting in the "
-    "patient's history, and its retry is decided again before the provider is asked: "
-    "see docs/reliability.md, 'Known gap'",
-)
 @pytest.mark.parametrize("transport", ["async"], indirect=True)
 def test_text_accepted_without_an_answer_counts_against_the_daily_cap(
     ob: fx.Outbox, sandbox: SandboxHandle
