@@ -10,8 +10,10 @@ from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy.orm import Session
 
-from engine import accounts
+from engine import accounts, drafts
+from engine.definitions import DefinitionSet
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.web import create_app
@@ -73,3 +75,49 @@ def sign_in(app: Flask, username: str, password: str = PASSWORD) -> Admin:
 
 def admin_app(settings: Settings, clock: Callable[[], datetime]) -> Flask:
     return create_app(settings.with_(login_rate_per_minute=1000), clock=clock)
+
+
+def role_objects(
+    session: Session, defs: DefinitionSet, now: datetime
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Something for every route argument to name (a draft, a user, a token), and one API
+    token per role: (route argument values, token secret by role)."""
+    source = drafts.template_source(session, defs, "statin-refill", "en")
+    draft = drafts.create_draft(
+        session=session,
+        defs=defs,
+        template_id="statin-refill",
+        locale="en",
+        content=source.replace("Hi ", "Hello "),
+        author="user:marketer-2",
+        now=now,
+    )
+    target = accounts.create_user(
+        session=session,
+        username="target-user",
+        password="a long enough password",
+        role="viewer",
+        now=now,
+        by="test",
+    )
+    token_row, _ = accounts.create_token(
+        session=session, name="target", role="viewer", now=now, by="test"
+    )
+    secrets = {
+        role: accounts.create_token(
+            session=session, name=f"{role}-token", role=role, now=now, by="test"
+        )[1]
+        for role in accounts.ROLES
+    }
+    values = {
+        "campaign_id": "statin-refill",
+        "template_id": "statin-refill",
+        "locale": "en",
+        "version": defs.templates[("statin-refill", "en")].version,
+        "external_id": "S001",
+        "draft_id": str(draft.id),
+        "user_id": str(target.id),
+        "token_id": str(token_row.id),
+        "change": "disable",
+    }
+    return values, secrets

@@ -12,12 +12,11 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from engine import accounts, drafts
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.store import models as m
 from engine.web.permissions import PERMISSIONS
-from tests.integration.admin_fixtures import Admin, admin_app, create_staff, sign_in
+from tests.integration.admin_fixtures import Admin, admin_app, create_staff, role_objects, sign_in
 from tests.integration.conftest import Engage
 from tests.integration.test_cli import AT, SAMPLE
 
@@ -48,44 +47,7 @@ def world(engage: Engage, settings: Settings) -> dict[str, Any]:
     rt = Runtime(settings)
     with rt.session_factory.begin() as session:
         defs = rt.definitions(session)
-        source = drafts.template_source(session, defs, "statin-refill", "en")
-        draft = drafts.create_draft(
-            session=session,
-            defs=defs,
-            template_id="statin-refill",
-            locale="en",
-            content=source.replace("Hi ", "Hello "),
-            author="user:marketer-2",
-            now=NOW,
-        )
-        target = accounts.create_user(
-            session=session,
-            username="target-user",
-            password="a long enough password",
-            role="viewer",
-            now=NOW,
-            by="test",
-        )
-        token_row, _ = accounts.create_token(
-            session=session, name="target", role="viewer", now=NOW, by="test"
-        )
-        secrets = {
-            role: accounts.create_token(
-                session=session, name=f"{role}-token", role=role, now=NOW, by="test"
-            )[1]
-            for role in accounts.ROLES
-        }
-        values = {
-            "campaign_id": "statin-refill",
-            "template_id": "statin-refill",
-            "locale": "en",
-            "version": defs.templates[("statin-refill", "en")].version,
-            "external_id": "S001",
-            "draft_id": str(draft.id),
-            "user_id": str(target.id),
-            "token_id": str(token_row.id),
-            "change": "disable",
-        }
+        values, secrets = role_objects(session, defs, NOW)
     rt.engine.dispose()
     return {"values": values, "tokens": secrets}
 

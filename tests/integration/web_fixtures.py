@@ -10,11 +10,11 @@ from pathlib import Path
 
 from flask import Flask
 
-from engine import accounts, drafts
+from engine import accounts
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.web.permissions import PERMISSIONS
-from tests.integration.admin_fixtures import admin_app, create_staff
+from tests.integration.admin_fixtures import admin_app, create_staff, role_objects
 from tests.integration.booking_fixtures import Booking, prepare
 from tests.integration.conftest import Engage
 from tests.integration.test_cli import AT
@@ -70,49 +70,12 @@ def build_world(engage: Engage, settings: Settings, tmp_path: Path) -> World:
     rt = Runtime(booking.settings)
     with rt.session_factory.begin() as session:
         defs = rt.definitions(session)
-        source = drafts.template_source(session, defs, "statin-refill", "en")
-        draft = drafts.create_draft(
-            session=session,
-            defs=defs,
-            template_id="statin-refill",
-            locale="en",
-            content=source.replace("Hi ", "Hello "),
-            author="user:marketer-2",
-            now=NOW,
-        )
-        target = accounts.create_user(
-            session=session,
-            username="target-user",
-            password="a long enough password",
-            role="viewer",
-            now=NOW,
-            by="test",
-        )
-        target_token, _ = accounts.create_token(
-            session=session, name="target", role="viewer", now=NOW, by="test"
-        )
-        tokens = {
-            role: accounts.create_token(
-                session=session, name=f"{role}-token", role=role, now=NOW, by="test"
-            )[1]
-            for role in accounts.ROLES
-        }
+        values, tokens = role_objects(session, defs, NOW)
         revoked, revoked_secret = accounts.create_token(
             session=session, name="revoked", role="it_admin", now=NOW, by="test"
         )
         revoked.revoked_at = NOW
-        values = {
-            "campaign_id": "statin-refill",
-            "template_id": "statin-refill",
-            "locale": "en",
-            "version": defs.templates[("statin-refill", "en")].version,
-            "external_id": "S001",
-            "draft_id": str(draft.id),
-            "user_id": str(target.id),
-            "token_id": str(target_token.id),
-            "change": "disable",
-            "filename": "admin.css",
-        }
+        values["filename"] = "admin.css"
     rt.engine.dispose()
     values["token"] = booking.mint("S001")
     return World(booking, booking.settings, values, tokens, revoked_secret)
