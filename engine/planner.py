@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,6 +54,20 @@ class CampaignPlan:
         self.links += other.links
 
 
+class StopSignal(Protocol):
+    """What a tick checks between batches (a threading.Event, or a multiprocessing one)."""
+
+    def is_set(self) -> bool: ...
+
+
+class _Never:
+    def is_set(self) -> bool:
+        return False
+
+
+NEVER: StopSignal = _Never()
+
+
 @dataclass
 class PlanReport:
     now: datetime
@@ -64,6 +78,7 @@ class PlanReport:
     expired: int = 0
     duration: float = 0.0
     processes: int = 1
+    stopped: bool = False  # asked to stop: the patients not reached are planned next tick
 
     @property
     def inserted(self) -> int:
@@ -83,6 +98,7 @@ class PlanReport:
             "expired": self.expired,
             "duration_seconds": round(self.duration, 3),
             "processes": self.processes,
+            "stopped": self.stopped,
             "skipped": dict(self.skipped),
             "campaigns": {cid: _campaign_json(c) for cid, c in sorted(self.campaigns.items())},
         }
@@ -113,6 +129,7 @@ class Tick:
     not_after: datetime
     campaigns: tuple[Campaign, ...]
     report: PlanReport
+    stop: StopSignal = NEVER
 
 
 @dataclass(frozen=True)
@@ -137,13 +154,16 @@ def plan(
     batch_size: int = 1000,
     actor: str = "planner",
     processes: int = 1,
+    stop: StopSignal = NEVER,
 ) -> PlanReport:
     """Expire overdue rows, then plan every active campaign's occurrences due by
     now + horizon and alive at now that have no outbox row yet. A tick that inserted or
     expired rows leaves one audit entry summing up its decisions (`actor` did it).
 
     With `processes` > 1 and a large enough population, patients are split into that
-    many id ranges planned by as many processes (engine.planner_parallel)."""
+    many id ranges planned by as many processes (engine.planner_parallel). Once `stop` is
+    set the tick ends after the batch in hand (each batch commits on its own; the next
+    tick plans the rest), and its report says `stopped`."""
     started = time.perf_counter()
     report = PlanReport(now=now, horizon=horizon)
     with session_factory.begin() as session:
@@ -159,6 +179,7 @@ def plan(
         not_after=now + horizon,
         campaigns=campaigns,
         report=report,
+        stop=stop,
     )
     if campaigns:
         from engine import planner_parallel  # imported here: it imports this module
@@ -215,7 +236,13 @@ def plan_patients(tick: Tick, batch_size: int, where: Any = None) -> None:
     sealed = sealed_fields(tick.rows.defs, tick.campaigns)
     with tick.session_factory() as reader:
         stream = _candidates(reader, tick.keyring, batch_size, where, sealed)
-        while batch := list(islice(stream, batch_size)):
+        while True:
+            if tick.stop.is_set():
+                tick.report.stopped = True
+                return
+            batch = list(islice(stream, batch_size))
+            if not batch:
+                return
             tick.report.patients_seen += len(batch)
             _plan_batch(tick, batch)
 

@@ -14,8 +14,9 @@ parent merges their reports and writes the tick's one audit entry.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Collection
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine.crypto import Keyring
 from engine.definitions import load_sources
-from engine.planner import CampaignPlan, PlanReport, Tick, plan_patients
+from engine.planner import NEVER, CampaignPlan, PlanReport, StopSignal, Tick, plan_patients
 from engine.planner_rows import RowContext
 from engine.store import db
 from engine.store import models as m
@@ -117,13 +118,43 @@ def plan_ranges(tick: Tick, ranges: list[IdRange], batch_size: int) -> None:
         for ids in ranges
     ]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=len(specs), mp_context=context) as pool:
-        for part in pool.map(plan_range, specs):
-            merge(tick.report, part)
+    stop = context.Event()
+    with ProcessPoolExecutor(
+        max_workers=len(specs), mp_context=context, initializer=_child, initargs=(stop,)
+    ) as pool:
+        if tick.stop.is_set():
+            stop.set()
+        pending = {pool.submit(plan_range, spec) for spec in specs}
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=STOP_POLL)
+                if tick.stop.is_set():
+                    stop.set()  # the children finish the batch in hand
+                for future in done:
+                    merge(tick.report, future.result())
+        except BaseException:  # a child failed, or Ctrl-C: do not wait for whole ranges
+            stop.set()
+            raise
+
+
+# How often the parent passes a stop on to its children (seconds).
+STOP_POLL = 0.2
+_stop: StopSignal = NEVER  # in a child: the parent's stop, set by _child
+
+
+def _child(stop: StopSignal) -> None:
+    """In each child: stop when the parent says so, not on a signal of its own. A SIGTERM
+    or Ctrl-C sent to the whole process group reaches the parent, which stops the tick
+    between batches; the children would otherwise die in the middle of one."""
+    global _stop
+    _stop = stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def merge(report: PlanReport, part: PlanReport) -> None:
     report.patients_seen += part.patients_seen
+    report.stopped = report.stopped or part.stopped
     for campaign_id, share in part.campaigns.items():
         report.campaigns.setdefault(campaign_id, CampaignPlan()).merge(share)
 
@@ -145,6 +176,7 @@ def plan_range(spec: RangeTick) -> PlanReport:
             not_after=spec.not_after,
             campaigns=tuple(defs.campaigns[c] for c in spec.campaign_ids),
             report=report,
+            stop=_stop,
         )
         plan_patients(tick, spec.batch_size, where=_criterion(spec.ids))
         return report

@@ -244,9 +244,10 @@ class Worker:
             public_url=self.settings.public_url,
             actor=f"worker:{self.config.worker_id}",
             processes=self.settings.plan_processes,
+            stop=self.stop,
         )
         failpoints.hit("worker.planned")
-        counts = {"inserted": report.inserted, "expired": report.expired}
+        counts = {"inserted": report.inserted, "expired": report.expired, "stopped": report.stopped}
         seconds = round(report.duration, 3)
         log.info("plan.tick", extra={"fields": self.fields(**counts, seconds=seconds)})
 
