@@ -49,8 +49,11 @@ PROGRAM_REPLY_RULE = "program-reply"
 class Claimed:
     """A row marked `sending` by this worker, with what the provider call needs.
 
-    `previous_claim_at` is set when an earlier attempt failed without a clear answer: the
-    provider is asked whether that attempt went out after all before sending again.
+    `previous_claim_at` is set when an earlier attempt failed without a clear answer (the
+    row's `unsettled_since`): the provider is asked whether that attempt went out after
+    all before sending again. With `lookup_only`, the fresh decision would close the row
+    (blocked, expired): it is only asked, and the row is decided again once the answer is
+    in, so that a text that went out is never recorded as not sent.
     """
 
     outbox_id: int
@@ -60,6 +63,7 @@ class Claimed:
     attempts: int
     claimed_at: datetime
     previous_claim_at: datetime | None = None
+    lookup_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,11 +189,14 @@ def _claim_row(
 ) -> Claimed | None:
     """Apply the fresh decision to the row; the Claimed item when it is to be sent now."""
     row.decided_at = now
-    if now >= row.expires_at:
+    expired = now >= row.expires_at
+    if expired and row.unsettled_since is None:
         row.status = status.EXPIRED
         row.reasons = [*row.reasons, _expired_reason(row, now)]
         return None
     decision, body = redecide(row, batch=batch, defs=defs, now=now)
+    if row.unsettled_since is not None and (expired or _closes(row, decision)):
+        return _settle_first(row, batch=batch, body=body, worker_id=worker_id, now=now)
     row.outcome, row.policy_set = decision.outcome, defs.policy_version
     if not is_program_reply(row):  # its marker must survive a retry
         row.reasons = reasons_json(decision.reasons)
@@ -207,10 +214,44 @@ def _claim_row(
     assert body is not None and record.phone is not None  # redecide denies otherwise
     history = history_without_own_attempt(row, batch.histories)
     batch.histories[row.patient_id] = History((*history.sent, SentMessage(now, row.purpose)))
-    previous = row.claimed_at if row.attempts > 0 else None
     row.status, row.claimed_by, row.claimed_at = status.SENDING, worker_id, now
     row.send_started_at = None  # this claim's send has not started (engine.dispatch_gate)
-    return Claimed(row.id, row.patient_id, record.phone, body, row.attempts, now, previous)
+    return Claimed(
+        row.id, row.patient_id, record.phone, body, row.attempts, now, row.unsettled_since
+    )
+
+
+def _closes(row: m.Outbox, decision: Decision) -> bool:
+    """Whether this decision ends the row without a send (blocked, or deferred past its
+    expiry)."""
+    if decision.outcome == "deny":
+        return True
+    if decision.outcome == "defer":
+        return decision.send_at is None or decision.send_at >= row.expires_at
+    return False
+
+
+def _settle_first(
+    row: m.Outbox, *, batch: _Batch, body: str | None, worker_id: str, now: datetime
+) -> Claimed | None:
+    """A row whose earlier attempt may have gone out is not closed before the provider is
+    asked: it is claimed for a lookup only. When the provider cannot be asked (the patient
+    erased, the number or the text gone), it is `unknown`, surfaced for a person."""
+    record = batch.records.get(row.patient_id)
+    if body is None and record is not None:  # a decision that denies early reads no body
+        body = _stored_body(row, batch.ciphers[row.patient_id])
+    if record is None or record.phone is None or body is None:
+        row.status = status.UNKNOWN
+        row.last_error = (
+            "an earlier attempt got no clear answer and the provider cannot be asked now "
+            "(no number or text left): it may have gone out"
+        )
+        return None
+    row.status, row.claimed_by, row.claimed_at = status.SENDING, worker_id, now
+    row.send_started_at = None
+    return Claimed(
+        row.id, row.patient_id, record.phone, body, row.attempts, now, row.unsettled_since, True
+    )
 
 
 def redecide(
@@ -231,11 +272,7 @@ def redecide(
         return _engine_deny("suppressed", message, "47 CFR 64.1200(a)(10)"), None
     if record.phone is None:
         return _engine_deny("no-phone", "the patient has no phone number"), None
-    cipher = batch.ciphers[row.patient_id]
-    try:
-        body = cipher.decrypt_field(body_field(row.idempotency_key), row.body_enc)
-    except DecryptionError:
-        body = None
+    body = _stored_body(row, batch.ciphers[row.patient_id])
     if body is None:
         return _engine_deny("no-body", "the stored message body is missing or unreadable"), None
     facts = _message_facts(row, body, defs)
@@ -260,14 +297,22 @@ def history_without_own_attempt(row: m.Outbox, histories: Mapping[int, History])
     attempt, which the history counts as sent until the provider has said (a row is not
     capped by itself)."""
     history = histories.get(row.patient_id, History())
-    if row.claimed_at is None or not outbox_queries.unsettled(row.attempts, row.claimed_at):
+    if row.unsettled_since is None:
         return history
-    own = SentMessage(row.claimed_at, row.purpose)
+    own = SentMessage(row.unsettled_since, row.purpose)
     if own not in history.sent:
         return history
     sent = list(history.sent)
     sent.remove(own)
     return History(tuple(sent))
+
+
+def _stored_body(row: m.Outbox, cipher: Any) -> str | None:
+    """The row's text, decrypted; None when it is missing or does not decrypt."""
+    try:
+        return cipher.decrypt_field(body_field(row.idempotency_key), row.body_enc)
+    except DecryptionError:
+        return None
 
 
 def is_program_reply(row: m.Outbox) -> bool:
@@ -281,12 +326,7 @@ def _program_reply(row: m.Outbox, *, batch: _Batch, has_phone: bool) -> tuple[De
     """Allow the one reply the patient asked for by texting a keyword; no policy re-check."""
     if not has_phone:
         return _engine_deny("no-phone", "the patient has no phone number"), None
-    try:
-        body = batch.ciphers[row.patient_id].decrypt_field(
-            body_field(row.idempotency_key), row.body_enc
-        )
-    except DecryptionError:
-        body = None
+    body = _stored_body(row, batch.ciphers[row.patient_id])
     if body is None:
         return _engine_deny("no-body", "the stored message body is missing or unreadable"), None
     message = "a reply to the patient's keyword (STOP/START/HELP), sent once"

@@ -53,10 +53,14 @@ IN_FLIGHT_POLL = 0.01
 
 
 def withdrawable() -> ColumnElement[bool]:
-    """Rows an opt-out or an erasure can still stop: waiting, or claimed but not started."""
+    """Rows an opt-out or an erasure can still stop: waiting, or claimed but not started.
+
+    Not a row whose earlier attempt got no answer (`unsettled_since`): that text may have
+    gone out, so the row is left for the dispatcher, which never sends it again before
+    asking the provider, and then records it sent, or blocked by the opt-out."""
     o = m.Outbox
     claimed_only = (o.status == status.SENDING) & o.send_started_at.is_(None)
-    return o.status.in_(sorted(status.WAITING)) | claimed_only
+    return (o.status.in_(sorted(status.WAITING)) | claimed_only) & o.unsettled_since.is_(None)
 
 
 def _start_statement() -> Any:

@@ -43,10 +43,12 @@ class DispatchReport:
     expired: int = 0
     sent: int = 0
     failed: int = 0
+    unknown: int = 0  # gave up after attempts without an answer: may have gone out
     opted_out: int = 0
     retried: int = 0
     released: int = 0
     withheld: int = 0  # refused by the send gate: an opt-out since the claim
+    settled: int = 0  # looked up only: the earlier attempt did not go out; decided again
     claim_lost: int = 0
     stranded: int = 0
     batches: int = 0

@@ -61,6 +61,12 @@ class StaleRow:
     body: str | None
     problem: str | None = None
     started: bool = True
+    unsettled_since: datetime | None = None  # an earlier attempt without an answer
+
+    @property
+    def since(self) -> datetime:
+        """Ask the provider for texts from the earliest attempt that may have gone out."""
+        return min(self.claimed_at, self.unsettled_since or self.claimed_at)
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,9 @@ def stale_rows(
 
 def _open(row: m.Outbox, patient: m.Patient | None, cipher: object) -> StaleRow:
     assert row.claimed_at is not None
-    base = StaleRow(row.id, row.claimed_at, row.claimed_by, None, None)
+    base = StaleRow(
+        row.id, row.claimed_at, row.claimed_by, None, None, unsettled_since=row.unsettled_since
+    )
     if row.send_started_at is None:
         return replace(base, started=False)
     if patient is None or cipher is None:
@@ -137,11 +145,11 @@ def _open(row: m.Outbox, patient: m.Patient | None, cipher: object) -> StaleRow:
         return _with_problem(base, "the number or text does not decrypt")
     if not phone or body is None:
         return _with_problem(base, "no number or text stored")
-    return StaleRow(row.id, row.claimed_at, row.claimed_by, phone, body)
+    return replace(base, to=phone, body=body)
 
 
 def _with_problem(row: StaleRow, problem: str) -> StaleRow:
-    return StaleRow(row.outbox_id, row.claimed_at, row.claimed_by, None, None, problem)
+    return replace(row, to=None, body=None, problem=problem)
 
 
 def _ask(transport: Transport, row: StaleRow) -> _Answer:
@@ -150,7 +158,7 @@ def _ask(transport: Transport, row: StaleRow) -> _Answer:
     if row.problem or row.to is None or row.body is None:
         return _Answer(None, row.problem or "nothing to ask about")
     try:
-        records = transport.sent_since(to=row.to, since=row.claimed_at - LOOKUP_MARGIN)
+        records = transport.sent_since(to=row.to, since=row.since - LOOKUP_MARGIN)
     except ProviderError as exc:
         return _Answer(None, f"provider lookup failed ({describe(exc)})")
     if records is None:
@@ -205,6 +213,7 @@ def _verdict(
         row.status, row.provider_sid = status.SENT, record.provider_sid
         row.provider_status, row.sent_at = record.status, record.created_at
         row.attempts += 1
+        row.unsettled_since = None
         row.last_error = f"{claim}; the provider holds it: reconciled as sent"
         return "sent"
     if not stale.started:
@@ -213,6 +222,7 @@ def _verdict(
         row.last_error = f"{claim}; never handed to the provider: requeued"
         return "requeued"
     row.attempts += 1
+    row.unsettled_since = None  # asked since the earliest attempt: none went out
     if row.attempts >= max_attempts:
         row.status = status.FAILED
         row.last_error = f"{claim}; the provider holds nothing; gave up after {row.attempts}"

@@ -9,9 +9,13 @@ reconciliation has taken over meanwhile is left alone (and logged).
     invalid number, filtered, other   -> failed, no retry
     transient (429, 5xx, 30001/30008,
     no answer)                        -> queued at now + backoff, attempts + 1;
-                                         failed after max_attempts
+                                         after max_attempts: failed, or unknown when
+                                         the last attempt got no answer at all
     worker stopping before the call,
     or the send gate unreachable      -> queued again, claim released
+    a lookup-only claim (a row to be
+    closed whose earlier attempt got
+    no answer): the provider holds it -> sent; it does not -> queued, decided again
     withheld by the send gate         -> queued again at now + REVOCATION_MARGIN, to be
                                          decided afresh (blocked, if the opt-out stands);
                                          left alone when the opt-out cancelled it already
@@ -38,6 +42,7 @@ from engine.dispatch_send import SendOutcome, describe, earliest, retry_at
 from engine.store import consent_queries
 from engine.store import models as m
 from engine.store.codec import PatientErased
+from engine.transports.base import ProviderError
 
 log = logging.getLogger("engine.dispatch")
 
@@ -132,6 +137,7 @@ def record_accepted(
                 provider_status=bindparam("pstatus"),
                 sent_at=ctx.now,
                 attempts=o.attempts + 1,
+                unsettled_since=None,
             ),
             params,
         )
@@ -159,30 +165,53 @@ def _apply(session: Session, row: m.Outbox, outcome: SendOutcome, ctx: RecordCon
         return "released"
     if outcome.found:
         return _found(session, row, outcome, ctx)
+    if outcome.settled:  # the provider holds no earlier attempt: decide it again now
+        row.status, row.claimed_by, row.claimed_at = status.QUEUED, None, None
+        row.unsettled_since, row.send_at = None, ctx.now
+        return "settled"
     row.attempts += 1
     if outcome.result is not None:
         row.status, row.provider_sid = status.SENT, outcome.result.provider_sid
         row.provider_status, row.sent_at = outcome.result.status, ctx.now
+        row.unsettled_since = None
         return "sent"
     error = outcome.error
     assert error is not None
     row.error_code, row.last_error = error.code, describe(error)
-    if error.kind != "transient":
-        row.status = status.FAILED
+    if error.kind != "transient":  # a clear answer, after any earlier attempt was looked up
+        row.status, row.unsettled_since = status.FAILED, None
         return "opted_out" if error.kind == "opted_out" else "failed"
+    # It may have gone out: the next attempt asks the provider for texts since the
+    # earliest attempt not yet settled.
+    row.unsettled_since = row.unsettled_since or row.claimed_at
     if row.attempts >= ctx.max_attempts:
-        row.status = status.FAILED
-        row.last_error = f"gave up after {row.attempts} attempts; last: {row.last_error}"
-        return "failed"
+        return _give_up(row, error)
     row.status, row.claimed_by = status.QUEUED, None
     row.send_at = retry_at(ctx.now, row.attempts - 1, ctx.rng)
     return "retried"
+
+
+def _give_up(row: m.Outbox, error: ProviderError) -> str:
+    """No more attempts. When the last one got no answer at all (a timeout, a cut
+    connection, a body that was not the provider's; or the lookup before it failed), the
+    text may have gone out: `unknown`, surfaced for a person, not `failed`."""
+    if error.http_status is None:
+        row.status = status.UNKNOWN
+        row.last_error = (
+            f"gave up after {row.attempts} attempts; the last got no answer, so the text "
+            f"may have gone out: {row.last_error}"
+        )
+        return "unknown"
+    row.status = status.FAILED
+    row.last_error = f"gave up after {row.attempts} attempts; last: {row.last_error}"
+    return "failed"
 
 
 def _found(session: Session, row: m.Outbox, outcome: SendOutcome, ctx: RecordContext) -> str:
     """An earlier attempt reached the provider after all: record it, do not send again."""
     taken = sids_taken(session=session, sids=[r.provider_sid for r in outcome.found], but=row.id)
     record = earliest(outcome.found, taken=taken)
+    row.unsettled_since = None
     if record is None:  # every match belongs to another row: this one never went out
         row.status, row.claimed_by, row.claimed_at = status.QUEUED, None, None
         row.send_at = ctx.now

@@ -99,7 +99,8 @@ class SendOutcome:
 
     Exactly one of: `result` (accepted), `error` (refused or failed), `found` (an earlier
     attempt was accepted after all: candidates the provider holds), `released` (not sent:
-    the worker is stopping), `withheld` (not sent: the gate refused it, engine.dispatch_gate).
+    the worker is stopping), `withheld` (not sent: the gate refused it, engine.dispatch_gate),
+    `settled` (a lookup-only claim whose earlier attempt the provider does not hold).
     """
 
     claimed: Claimed
@@ -108,6 +109,7 @@ class SendOutcome:
     found: tuple[SentRecord, ...] = ()
     released: bool = False
     withheld: bool = False
+    settled: bool = False  # a lookup-only claim: the earlier attempt did not go out
 
 
 def send_claimed(
@@ -130,6 +132,8 @@ def send_claimed(
         found = matching_records(records, to=claimed.to, body=claimed.body)
         if found:
             return SendOutcome(claimed, found=found)
+    if claimed.lookup_only:
+        return SendOutcome(claimed, settled=True)
     if stop.is_set() or not limiter.acquire() or stop.is_set():
         return SendOutcome(claimed, released=True)
     try:
@@ -250,7 +254,9 @@ class _GroupSender:
             return _lookup_failed(claimed, exc)
         failpoints.hit("send.after_lookup")
         found = matching_records(records, to=claimed.to, body=claimed.body)
-        return SendOutcome(claimed, found=found) if found else None
+        if found:
+            return SendOutcome(claimed, found=found)
+        return SendOutcome(claimed, settled=True) if claimed.lookup_only else None
 
     async def _send(
         self, claimed: Claimed, future: Future[SendOutcome], slot: float, admitted: bool

@@ -296,6 +296,11 @@ class Outbox(Base):
     # Set, guarded, just before the provider call (engine.dispatch_gate): a `sending` row
     # without it was never handed to the provider and may still be withdrawn.
     send_started_at: Mapped[datetime | None]
+    # Set when an attempt ends without a clear answer (the provider may have accepted it):
+    # the earliest such claim time, until a provider lookup or an answer settles it. The
+    # next attempt first asks the provider for texts since then, and until then the row
+    # counts as sent for frequency caps.
+    unsettled_since: Mapped[datetime | None]
     error_code: Mapped[int | None] = mapped_column(Integer)
     provider_status: Mapped[str | None] = mapped_column(String(16))
     decided_at: Mapped[datetime | None]

@@ -58,8 +58,8 @@ def histories_for(
     """Messages sent or committed to be sent to each patient in the window before `now`.
 
     A row counts from its sent_at, or, while it is being sent, from its claim time. A row
-    waiting for a retry after an attempt without a clear answer counts from that claim
-    too: the provider may have accepted it (see `unsettled`).
+    waiting for a retry after an attempt without a clear answer counts from its
+    `unsettled_since`: the provider may have accepted that attempt.
     """
     return recent_for(session=session, patient_ids=patient_ids, now=now, window=window)[0]
 
@@ -85,15 +85,15 @@ def recent_for(
     wanted_statuses = [*sorted(COUNTS_AS_SENT), QUEUED, DEFERRED]
     for criterion, wanted in id_groups(o.patient_id, ids):
         stmt = select(
-            o.patient_id, o.purpose, o.status, o.sent_at, o.claimed_at, o.send_at, o.attempts
+            o.patient_id, o.purpose, o.status, o.sent_at, o.claimed_at, o.send_at, o.unsettled_since
         )
         stmt = stmt.where(criterion, _unindexed(o.status).in_(wanted_statuses))
-        for pid, purpose, status, sent_at, claimed_at, send_at, attempts in session.execute(stmt):
+        for pid, purpose, status, sent_at, claimed_at, send_at, unsettled in session.execute(stmt):
             if pid not in wanted:
                 continue
-            if status in (QUEUED, DEFERRED) and unsettled(attempts, claimed_at):
-                if claimed_at > since:
-                    sent[pid].append(SentMessage(claimed_at, purpose))
+            if status in (QUEUED, DEFERRED) and unsettled is not None:
+                if unsettled > since:
+                    sent[pid].append(SentMessage(unsettled, purpose))
                 continue
             if status == DEFERRED:
                 continue
@@ -110,13 +110,6 @@ def recent_for(
         for pid in ids
     }
     return histories, queued
-
-
-def unsettled(attempts: int, claimed_at: datetime | None) -> bool:
-    """A waiting row whose earlier attempt got no clear answer: the record keeps that
-    attempt's claim time so that the retry first asks the provider whether it went out.
-    Until then it counts as sent (a frequency cap must not let a second text through)."""
-    return attempts > 0 and claimed_at is not None
 
 
 def existing_keys(*, session: Session, keys: Iterable[str]) -> set[str]:

@@ -154,6 +154,24 @@ def test_transient_errors_give_up_after_max_attempts(ob: Outbox, sandbox: Sandbo
     assert sandbox.messages() == []
 
 
+def test_giving_up_after_attempts_without_an_answer_is_unknown_not_failed(
+    ob: Outbox, sandbox: SandboxHandle
+) -> None:
+    """A last attempt that got no answer may have gone out: the row says so and waits for
+    a person (engage status lists it), instead of claiming the text failed."""
+    [row_id] = ob.rows([phone(6)])
+    sandbox.set_faults({"garbage_rate": 1.0})  # 200 with a body that is not Twilio's
+    at = ob.now
+    for _ in range(6):
+        ob.dispatch(at, rng=random.Random(3))
+        row = ob.get(row_id)
+        if row.status != st.QUEUED:
+            break
+        at = row.send_at
+    assert (row.status, row.attempts) == (st.UNKNOWN, 6)
+    assert "the last got no answer, so the text may have gone out" in (row.last_error or "")
+
+
 # --- re-checks, pause, caps ------------------------------------------------------------------
 
 

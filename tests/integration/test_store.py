@@ -62,7 +62,7 @@ def test_migrations_create_the_model_schema(db_url: str) -> None:
         assert current_revision(engine) is None
         upgrade(engine)
         upgrade(db_url)  # a second run is a no-op, from a URL too
-        assert current_revision(db_url) == head_revision() == "0008"
+        assert current_revision(db_url) == head_revision() == "0009"
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, m.Base.metadata) == []
