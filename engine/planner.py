@@ -251,7 +251,12 @@ def _candidates(
     session: Session, keyring: Keyring, batch_size: int, where: Any, sealed: frozenset[str]
 ) -> Iterator[Candidate]:
     patients = queries.iter_patients(
-        session=session, keyring=keyring, batch_size=batch_size, where=where, sealed=sealed
+        session=session,
+        keyring=keyring,
+        batch_size=batch_size,
+        where=where,
+        sealed=sealed,
+        release=True,
     )
     for data in patients:
         yield Candidate(data.id, data.patient, data.prescriptions, data.appointments, data.cipher)

@@ -160,6 +160,27 @@ def test_iter_patients_streams_batches_with_their_records(
     assert all(not d.appointments for d in streamed if d.patient.external_id != "P3")
 
 
+def test_iter_patients_can_release_its_snapshot_between_batches(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """A planner tick reads the population batch after batch without holding one read
+    transaction throughout (SQLite's WAL could not be checkpointed under it); a patient
+    added meanwhile is still streamed, once."""
+    with session_factory() as session:
+        add_patients(session, keyring, *(make_record(f"P{i}") for i in range(5)))
+        session.commit()
+    with session_factory() as session:
+        stream = queries.iter_patients(session=session, keyring=keyring, batch_size=2, release=True)
+        first = next(stream)
+        assert not session.in_transaction()
+        with session_factory() as writer:
+            add_patients(writer, keyring, make_record("P9"))
+            writer.commit()
+        rest = list(stream)
+    names = [d.patient.external_id for d in (first, *rest)]
+    assert names == ["P0", "P1", "P2", "P3", "P4", "P9"]
+
+
 def test_iter_patients_opens_only_the_sealed_fields_asked_for(
     session_factory: sessionmaker[Session], keyring: Keyring
 ) -> None:
