@@ -288,6 +288,18 @@ class Verdict:
         keys = ("duplicates", "lost", "unrecorded", "wrong_sid", "unsurfaced", "cap_exceeded")
         return {k: getattr(self, k) for k in keys if getattr(self, k)}
 
+    def figures(self) -> dict[str, int]:
+        """The counts every fault test reports, under the names its line prints."""
+        return {
+            "texts": self.messages,
+            "duplicates": self.duplicates,
+            "lost": self.lost,
+            "unrecorded": self.unrecorded,
+            "unknown": self.unknown,
+            "unknown_unsurfaced": self.unsurfaced,
+            "cap_exceeded": self.cap_exceeded,
+        }
+
 
 def verdict(
     session_factory: sessionmaker[Session],

@@ -100,13 +100,7 @@ def test_postgres_restarted_mid_dispatch_never_texts_twice_nor_loses_a_row(
     v = ff.verdict(session_factory, sandbox, seeded, ff.engage_status(pool.env))
     figures = {
         "messages": TOTAL,
-        "texts": v.messages,
-        "duplicates": v.duplicates,
-        "lost": v.lost,
-        "unrecorded": v.unrecorded,
-        "unknown": v.unknown,
-        "unknown_unsurfaced": v.unsurfaced,
-        "cap_exceeded": v.cap_exceeded,
+        **v.figures(),
         "restarts": len(RESTARTS),
         "restarted_at_sent_share": at_share,
         "downtime_s": round(downtime, 1),

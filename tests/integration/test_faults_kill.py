@@ -150,13 +150,7 @@ def test_sigkill_at_twenty_points_never_texts_twice_nor_loses_a_row(
     kills = sum(killer.fired.values()) + killer.random_kills
     figures = {
         "messages": TOTAL,
-        "texts": v.messages,
-        "duplicates": v.duplicates,
-        "lost": v.lost,
-        "unrecorded": v.unrecorded,
-        "unknown": v.unknown,
-        "unknown_unsurfaced": v.unsurfaced,
-        "cap_exceeded": v.cap_exceeded,
+        **v.figures(),
         "points": len(killer.fired),
         "kills": kills,
         "random_kills": killer.random_kills,
