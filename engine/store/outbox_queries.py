@@ -82,20 +82,22 @@ def recent_for(
     since = now - window
     sent: dict[int, list[SentMessage]] = defaultdict(list)
     queued: dict[int, list[SentMessage]] = defaultdict(list)
-    wanted_statuses = [*sorted(COUNTS_AS_SENT), QUEUED, DEFERRED]
+    status_column = _unindexed(o.status)
+    # Deferred rows count only while an earlier attempt of theirs is unsettled.
+    counted = status_column.in_([*sorted(COUNTS_AS_SENT), QUEUED]) | (
+        (status_column == DEFERRED) & o.unsettled_since.is_not(None)
+    )
     for criterion, wanted in id_groups(o.patient_id, ids):
         stmt = select(
             o.patient_id, o.purpose, o.status, o.sent_at, o.claimed_at, o.send_at, o.unsettled_since
         )
-        stmt = stmt.where(criterion, _unindexed(o.status).in_(wanted_statuses))
+        stmt = stmt.where(criterion, counted)
         for pid, purpose, status, sent_at, claimed_at, send_at, unsettled in session.execute(stmt):
             if pid not in wanted:
                 continue
             if status in (QUEUED, DEFERRED) and unsettled is not None:
                 if unsettled > since:
                     sent[pid].append(SentMessage(unsettled, purpose))
-                continue
-            if status == DEFERRED:
                 continue
             if status == QUEUED:
                 if send_at is not None and send_at > since:

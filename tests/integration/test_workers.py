@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from engine.store import models as m
 from tests.integration import dispatch_fixtures as fx
 from tests.integration import outbox_builders as b
 from tests.integration.conftest import SandboxHandle
+from tests.integration.fault_fixtures import statuses, wait_for
 
 # Fixtures shared with test_dispatcher.py, bound here so that pytest finds them.
 now, latency, sandbox = fx.now, fx.latency, fx.sandbox
@@ -68,23 +69,6 @@ def seed(
             send_at=now - timedelta(minutes=1),
             expires_at=now + timedelta(days=3),
         )
-
-
-def statuses(session_factory: sessionmaker[Session]) -> Counter[str]:
-    with session_factory() as session:
-        o = m.Outbox
-        return Counter(
-            dict(session.execute(select(o.status, func.count()).group_by(o.status)).all())
-        )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition` (processes are doing the work; nothing here waits on a clock)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 class Workers:
