@@ -26,6 +26,7 @@ from engine.core.domain import (
     Prescription,
     SentMessage,
 )
+from engine.core.frozen import fast_init
 from engine.core.memo import keep
 from engine.core.policy import RULE_ERRORS
 from engine.crypto import PatientCipher
@@ -37,6 +38,7 @@ Anchor = Prescription | Appointment | None
 ConsentLookup = Callable[[list[int]], Mapping[int, Mapping[str, ConsentState]]]
 
 
+@fast_init
 @dataclass(frozen=True)
 class Candidate:
     """A patient row as the store streams it."""

@@ -22,10 +22,12 @@ from engine.core.domain import (
     RuleResult,
     Template,
 )
+from engine.core.frozen import fast_init
 from engine.definitions import DefinitionSet, locale_language
 from engine.variables import template_variables
 
 
+@fast_init
 @dataclass(frozen=True)
 class Evaluation:
     """An occurrence's decision, with the template variant and text it would send."""

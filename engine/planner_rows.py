@@ -18,6 +18,7 @@ from engine.core.domain import (
     Patient,
     RuleResult,
 )
+from engine.core.frozen import fast_init
 from engine.core.memo import keep
 from engine.crypto import PatientCipher, new_token
 from engine.definitions import DefinitionSet
@@ -37,6 +38,7 @@ SUPPRESSED = RuleResult(
 )
 
 
+@fast_init
 @dataclass(frozen=True)
 class Pending:
     """An occurrence due within the horizon, for a patient row, not yet in the outbox."""
@@ -48,6 +50,7 @@ class Pending:
     occurrence: Occurrence
 
 
+@fast_init
 @dataclass(frozen=True)
 class PlannedRow:
     """The outbox row's column values and, when it may be sent, its link's row (hash only)."""

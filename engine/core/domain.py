@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 
+from engine.core.frozen import fast_init
+
 Outcome = Literal["allow", "defer", "deny"]
 Effect = Literal["allow", "defer", "deny", "skip"]
 LegalBasis = Literal["express", "written", "hipaa_authorization", "explicit"]
@@ -21,6 +23,7 @@ LEGAL_BASES: tuple[str, ...] = ("express", "written", "hipaa_authorization", "ex
 OUTCOME_RANK: Mapping[str, int] = {"allow": 0, "defer": 1, "deny": 2}
 
 
+@fast_init
 @dataclass(frozen=True)
 class Patient:
     """A patient as the core sees them (identifiers already decrypted by the edge)."""
@@ -51,6 +54,7 @@ class Patient:
         return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
 
 
+@fast_init
 @dataclass(frozen=True)
 class Prescription:
     rx_id: str
@@ -60,6 +64,7 @@ class Prescription:
     status: str = "active"
 
 
+@fast_init
 @dataclass(frozen=True)
 class Appointment:
     appointment_id: str
@@ -70,6 +75,7 @@ class Appointment:
     status: str = "booked"
 
 
+@fast_init
 @dataclass(frozen=True)
 class ConsentEvent:
     """One entry of the append-only consent ledger."""
@@ -86,6 +92,7 @@ class ConsentEvent:
     recorded_by: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class ConsentState:
     """Current consent for one (patient, purpose, channel), derived from the ledger."""
@@ -99,12 +106,14 @@ class ConsentState:
     revoked_at: datetime | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class SentMessage:
     at: datetime
     purpose: str
 
 
+@fast_init
 @dataclass(frozen=True)
 class History:
     """Messages already sent (or committed to be sent) to the patient, newest irrelevant."""
@@ -117,6 +126,7 @@ class History:
         )
 
 
+@fast_init
 @dataclass(frozen=True)
 class MessageFacts:
     """What a rule may know about the message that would be sent."""
@@ -132,6 +142,7 @@ class MessageFacts:
     has_opt_out_text: bool = False
 
 
+@fast_init
 @dataclass(frozen=True)
 class DecisionContext:
     """Everything `policy.decide` looks at."""
@@ -146,12 +157,14 @@ class DecisionContext:
 # --- rules -----------------------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True)
 class AppliesTo:
     purposes: tuple[str, ...] | None = None
     where: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class Rule:
     """A policy rule. `kind` selects which of the optional parameters are meaningful.
@@ -180,6 +193,7 @@ class Rule:
     line: int = 0
 
 
+@fast_init
 @dataclass(frozen=True)
 class RuleResult:
     """One rule's verdict in a decision's trace."""
@@ -192,6 +206,7 @@ class RuleResult:
     defer_until: datetime | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class Decision:
     outcome: Outcome
@@ -214,6 +229,7 @@ class Decision:
 # --- templates and campaigns --------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True)
 class Template:
     """One locale variant of a message template; `version` is the content hash."""
@@ -228,6 +244,7 @@ class Template:
     body_line: int = 1
 
 
+@fast_init
 @dataclass(frozen=True)
 class Variable:
     """A template variable declared in policies/data.yaml."""
@@ -239,6 +256,7 @@ class Variable:
     example: str = ""
 
 
+@fast_init
 @dataclass(frozen=True)
 class RenderedMessage:
     text: str
@@ -247,6 +265,7 @@ class RenderedMessage:
     length: int
 
 
+@fast_init
 @dataclass(frozen=True)
 class Schedule:
     """When a campaign's occurrences fall.
@@ -267,6 +286,7 @@ class Schedule:
     on: date | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class LinkSettings:
     kind: str
@@ -274,6 +294,7 @@ class LinkSettings:
     confirmation: str | None = None  # template id of the booking confirmation text
 
 
+@fast_init
 @dataclass(frozen=True)
 class Campaign:
     id: str
@@ -290,6 +311,7 @@ class Campaign:
     file: str = ""
 
 
+@fast_init
 @dataclass(frozen=True)
 class Occurrence:
     """(campaign, patient, anchor record, offset): one message ever, by idempotency_key."""

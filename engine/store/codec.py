@@ -13,6 +13,7 @@ from datetime import date, datetime
 from typing import Any, Literal
 
 from engine.core import domain
+from engine.core.frozen import fast_init
 from engine.crypto import Keyring, PatientCipher
 from engine.store import models as m
 
@@ -33,6 +34,7 @@ class PatientErased(LookupError):
         self.external_id = external_id
 
 
+@fast_init
 @dataclass(frozen=True)
 class PatientData:
     """One patient with their prescriptions and appointments, as iter_patients yields it."""
@@ -45,6 +47,7 @@ class PatientData:
     """The unwrapped data key that opened them (to seal what is written for the patient)."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class PatientRecord:
     """A patient to store: the domain view plus the E.164 phone the core never sees."""
