@@ -14,6 +14,7 @@ parent merges their reports and writes the tick's one audit entry.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -147,9 +148,31 @@ def _child(stop: StopSignal) -> None:
     or Ctrl-C sent to the whole process group reaches the parent, which stops the tick
     between batches; the children would otherwise die in the middle of one."""
     global _stop
-    _stop = stop
+    _stop = ParentStop(stop, os.getppid())
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ParentStop:
+    """The parent's stop, or the parent gone. A child whose parent died (SIGKILL, the OOM
+    killer) is adopted by another process; it then stops after the batch in hand instead
+    of planning the rest of its range alone, unseen by any tick's report."""
+
+    def __init__(self, stop: StopSignal, parent: int) -> None:
+        self._stop, self._parent = stop, parent
+
+    def is_set(self) -> bool:
+        return self._stop.is_set() or self.parent_gone()
+
+    def parent_gone(self) -> bool:
+        return os.getppid() != self._parent
+
+
+def exit_if_orphaned() -> None:
+    """In a child whose parent is gone, once its batch is committed: exit, since no one is
+    left to take its report and a pool process would otherwise wait for work forever."""
+    if isinstance(_stop, ParentStop) and _stop.parent_gone():
+        os._exit(0)
 
 
 def merge(report: PlanReport, part: PlanReport) -> None:
@@ -179,9 +202,10 @@ def plan_range(spec: RangeTick) -> PlanReport:
             stop=_stop,
         )
         plan_patients(tick, spec.batch_size, where=_criterion(spec.ids))
-        return report
     finally:
         engine.dispose()
+    exit_if_orphaned()
+    return report
 
 
 def _criterion(ids: IdRange) -> Any:
