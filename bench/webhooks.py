@@ -4,7 +4,8 @@ optionally while dispatcher processes send a large campaign.
 
     python -m bench webhooks [--rate 200] [--seconds 60] [--patients 20000]
                              [--database-url postgresql+psycopg://postgres@127.0.0.1/test
-                              | sqlite] [--workers 2] [--threads 4] [--stop-patients 100]
+                              | sqlite] [--workers 2] [--threads 4] [--keep-alive N]
+                             [--stop-patients 100]
                              [--during-dispatch [--dispatchers 2]]
 
 Setup: a synthetic population imported (seeded above 100,000 patients), one planner tick
@@ -176,12 +177,17 @@ _COPIED = ("campaign_id", "campaign_version", "template_id", "template_version",
 
 
 @contextmanager
-def serving(p: Prepared, port: int, workdir: Path, workers: int, threads: int) -> Iterator[int]:
+def serving(
+    p: Prepared, port: int, workdir: Path, workers: int, threads: int,
+    keep_alive: int | None = None,
+) -> Iterator[int]:  # fmt: skip
     """`engage serve` on `port` until the block ends (SIGTERM); yields its pid."""
     env = {**os.environ, "DATABASE_URL": p.settings.database_url,
            "ENGAGE_VAR_DIR": str(p.settings.var_dir), "TWILIO_AUTH_TOKEN": load.TOKEN}  # fmt: skip
     command = [str(Path(sys.executable).with_name("engage")), "serve", "--port", str(port),
                "--workers", str(workers), "--threads", str(threads)]  # fmt: skip
+    if keep_alive is not None:
+        command += ["--keep-alive", str(keep_alive)]
     with (workdir / "serve.log").open("wb") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -324,7 +330,8 @@ def _load(
         if live
         else nullcontext()
     )
-    with serving(p, port, workdir, args.workers, args.threads) as pid, dispatch as run:
+    served = serving(p, port, workdir, args.workers, args.threads, args.keep_alive)
+    with served as pid, dispatch as run:
         meter = load.CpuMeter(pid)
         command = [sys.executable, "-c", GENERATE, str(workdir / "load.json")]
         generator = subprocess.Popen(command, cwd=ROOT)
@@ -364,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                         "made there and dropped after), or `sqlite` (a fresh file)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--keep-alive", type=int, default=None,
+                        help="engage serve --keep-alive (default: its own, 2)")  # fmt: skip
     parser.add_argument("--stop-patients", type=int, default=100)
     parser.add_argument("--during-dispatch", action="store_true",
                         help="run the load while dispatchers send the campaign")  # fmt: skip

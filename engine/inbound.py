@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -34,7 +34,7 @@ from engine.crypto import Keyring, PatientCipher
 from engine.definitions import DefinitionSet
 from engine.dispatch_claim import PROGRAM_CAMPAIGN, PROGRAM_REPLY_RULE
 from engine.dispatch_gate import withdrawable
-from engine.store import consent_queries, queries
+from engine.store import consent_queries
 from engine.store import models as m
 from engine.store.outbox_queries import body_field
 
@@ -69,11 +69,18 @@ class InboundResult:
 
 
 @dataclass(frozen=True)
+class _Patient:
+    id: int
+    external_id: str
+    locale: str
+
+
+@dataclass(frozen=True)
 class _Sender:
     """The patients (not erased) who use the number that texted us, with their keys."""
 
     phone_index: str
-    patients: list[m.Patient]
+    patients: list[_Patient]
     ciphers: dict[int, PatientCipher]
 
 
@@ -105,15 +112,37 @@ def handle_inbound(
     )
 
 
+_PATIENTS, _KEYS = m.Patient.__table__, m.PatientKey.__table__
+# Built once: the number's patients whose data key still exists, with that key.
+_SENDER = (
+    select(_PATIENTS.c.id, _PATIENTS.c.external_id, _PATIENTS.c.locale, _KEYS.c.wrapped_key,
+           _KEYS.c.master_key_id)
+    .join_from(_PATIENTS, _KEYS, _KEYS.c.patient_id == _PATIENTS.c.id)
+    .where(_PATIENTS.c.phone_index == bindparam("phone_index"), _PATIENTS.c.erased_at.is_(None),
+           _KEYS.c.wrapped_key.is_not(None))
+    .order_by(_PATIENTS.c.id)
+)  # fmt: skip
+# By dialect: a row the first time a MessageSid is seen only (a retry inserts nothing and
+# RETURNING gives no row).
+_STORE = {
+    name: dialect.insert(m.InboundMessage.__table__)
+    .on_conflict_do_nothing(index_elements=["provider_sid"])
+    .returning(m.InboundMessage.__table__.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_INSERT_REPLY = insert(m.Outbox.__table__)
+
+
 def _sender(session: Session, keyring: Keyring, e164: str) -> _Sender:
+    """The patients on the number, keys unwrapped: one query, where the ORM took two."""
     index = keyring.phone_index(e164)
-    p = m.Patient
-    stmt = select(p).where(p.phone_index == index, p.erased_at.is_(None)).order_by(p.id)
-    rows = list(session.scalars(stmt))
-    ciphers = queries.ciphers_for(
-        session=session, keyring=keyring, patient_ids=[r.id for r in rows]
-    )
-    return _Sender(index, [r for r in rows if r.id in ciphers], ciphers)
+    patients, ciphers = [], {}
+    for pid, external_id, locale, wrapped, key_id in session.execute(
+        _SENDER, {"phone_index": index}
+    ):
+        patients.append(_Patient(pid, external_id, locale))
+        ciphers[pid] = keyring.cipher(wrapped, patient_id=external_id, master_key_id=key_id)
+    return _Sender(index, patients, ciphers)
 
 
 def _store(
@@ -129,23 +158,18 @@ def _store(
     if first is not None:
         field = f"inbound/{message.message_sid}/body"
         body_enc = sender.ciphers[first.id].encrypt_field(field, message.body)
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    stmt = (
-        dialect.insert(m.InboundMessage)
-        .values(
-            provider_sid=message.message_sid,
-            from_index=sender.phone_index,
-            to_number=printable(message.to_number)[:32],
-            patient_id=first.id if first else None,
-            body_enc=body_enc,
-            classification=kind,
-            received_at=now,
-            handled_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["provider_sid"])
-        .returning(m.InboundMessage.id)
-    )
-    return session.execute(stmt).first() is not None
+    values = {
+        "provider_sid": message.message_sid,
+        "from_index": sender.phone_index,
+        "to_number": printable(message.to_number)[:32],
+        "patient_id": first.id if first else None,
+        "body_enc": body_enc,
+        "classification": kind,
+        "received_at": now,
+        "handled_at": now,
+    }
+    stmt = _STORE[session.get_bind().dialect.name]
+    return session.execute(stmt, values).first() is not None
 
 
 def _opt_out(
@@ -288,7 +312,7 @@ def _queue_reply(
     sender: _Sender,
     which: str,
     now: datetime,
-) -> m.Outbox:
+) -> None:
     """One program reply to the number, addressed to its first patient, in their locale."""
     patient = sender.patients[0]
     text = defs.program.text(which, patient.locale)
@@ -301,7 +325,7 @@ def _queue_reply(
         "message": f"{which.upper()} reply to inbound {message.message_sid}",
         "cite": "CTIA Messaging Principles 5.1.1",
     }
-    row = m.Outbox(
+    values = dict(
         idempotency_key=key,
         campaign_id=PROGRAM_CAMPAIGN,
         campaign_version=defs.version,
@@ -321,9 +345,7 @@ def _queue_reply(
         policy_set=defs.policy_version,
         decided_at=now,
     )
-    session.add(row)
-    session.flush()
-    return row
+    session.execute(_INSERT_REPLY, values)  # Core: no unit of work for one row
 
 
 def printable(text: str) -> str:

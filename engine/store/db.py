@@ -3,11 +3,15 @@
 SQLite gets WAL, foreign keys and a busy timeout on every connection, and real
 transactions: the pysqlite driver's own BEGIN handling is switched off so that
 SAVEPOINT and (optionally) BEGIN IMMEDIATE behave as documented by SQLAlchemy.
-PostgreSQL is reached through psycopg 3.
+PostgreSQL is reached through psycopg 3. Each pooled connection is checked at checkout:
+by a `SELECT 1` round trip (`pool_pre_ping`), or, with `ping=False` (the web server, where
+that round trip was a tenth of a webhook's time), by looking at its socket without a
+round trip (`_drop_dead_connections`).
 """
 
 from __future__ import annotations
 
+import select
 import zlib
 from pathlib import Path
 from typing import Any
@@ -16,14 +20,19 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_CACHE_KIB = 65_536  # per connection; the default 2 MiB thrashes on large outboxes
 _MIGRATION_LOCK = zlib.crc32(b"engage-migrations")
+# Without a ping, a pooled connection is replaced after this long whatever its socket says
+# (a firewall or NAT that forgets an idle connection without closing it).
+POOL_RECYCLE_SECONDS = 300
 
 
 def normalize_url(url: str) -> str:
@@ -34,19 +43,28 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, sqlite_immediate: bool = False, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str, *, sqlite_immediate: bool = False, ping: bool = True, **kwargs: Any
+) -> Engine:
     """An engine for `url`.
 
     `sqlite_immediate=True` starts every SQLite transaction with BEGIN IMMEDIATE (takes the
     write lock up front: one writer at a time, no upgrade deadlocks); PostgreSQL ignores it.
+    `ping=False` (PostgreSQL): no round trip at checkout; a connection the server has closed
+    (a restart, an idle timeout) is replaced before use all the same, by its socket.
     """
     url = normalize_url(url)
     # Bound values are PHI lookups (phone numbers, names): never in SQL logs or in the
     # text of a database error.
     kwargs.setdefault("hide_parameters", True)
     if make_url(url).get_backend_name() != "sqlite":
-        kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kwargs)
+        if ping:
+            kwargs.setdefault("pool_pre_ping", True)
+            return create_engine(url, **kwargs)
+        kwargs.setdefault("pool_recycle", POOL_RECYCLE_SECONDS)
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "checkout", _drop_dead_connections)
+        return engine
     engine = create_engine(url, **kwargs)
     begin = "BEGIN IMMEDIATE" if sqlite_immediate else "BEGIN"
 
@@ -66,6 +84,24 @@ def make_engine(url: str, *, sqlite_immediate: bool = False, **kwargs: Any) -> E
         connection.exec_driver_sql(begin)
 
     return engine
+
+
+def _drop_dead_connections(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled connection that cannot be used, without a round trip: closed or
+    broken on our side, or, idle, with something to read on its socket. An idle PostgreSQL
+    connection is sent nothing unless the server ends it (a FATAL message on a restart or
+    an idle timeout, or the socket closed when a backend dies), so readable means gone.
+    DisconnectionError makes the pool discard it and check out another (SQLAlchemy's
+    "custom pessimistic ping")."""
+    if (
+        dbapi_connection.closed
+        or dbapi_connection.info.transaction_status != TransactionStatus.IDLE
+    ):
+        raise DisconnectionError("the connection is closed or not idle")
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLPRI)
+    if poller.poll(0):  # POLLHUP and POLLERR are reported whatever was asked
+        raise DisconnectionError("the server closed the connection")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-from flask import Blueprint, Flask, Response, jsonify, redirect, request, url_for
+from flask import Blueprint, Flask, Request, Response, jsonify, redirect, request, url_for
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -33,7 +35,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
 
     `clock` replaces the wall clock (tests pass the time in).
     """
-    app = Flask(__name__)
+    app = _App(__name__)
+    app.session_interface = _SessionInterface()
     try:
         secret = load_secret_key(settings)
     except KeyConfigError as exc:
@@ -47,7 +50,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session cookie
         RATELIMIT_ENABLED=settings.page_rate_per_minute > 0,
     )
-    app.extensions[RUNTIME_KEY] = Runtime(settings)
+    # No `SELECT 1` at each pool checkout: a dead connection is noticed by its socket.
+    app.extensions[RUNTIME_KEY] = Runtime(settings, ping_on_checkout=False)
     app.extensions[CLOCK_KEY] = clock or utcnow
     csrf.init_app(app)
     # Per client address (the proxy's X-Forwarded-For when ENGAGE_TRUST_PROXY=1), limits
@@ -67,6 +71,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
     from engine.web.webhooks import webhooks
 
     csrf.exempt(webhooks)  # authenticated by Twilio's signature instead
+    # No limit applies to webhooks: spare each one the limiter's bookkeeping.
+    limiter.request_filter(lambda: request.blueprint == webhooks.name)
     app.register_blueprint(webhooks)
     app.register_blueprint(patient_pages)
     limiter.limit(f"{max(settings.page_rate_per_minute, 1)}/minute")(patient_pages)
@@ -91,6 +97,32 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
     return app
 
 
+class _App(Flask):
+    """Flask, remembering what `ensure_sync` made of each view and hook: it asked `inspect`
+    again for every one of them on every request."""
+
+    def __init__(self, import_name: str) -> None:
+        super().__init__(import_name)
+        self._synced: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        synced = self._synced.get(func)
+        if synced is None:
+            synced = self._synced[func] = super().ensure_sync(func)
+        return synced
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """Signed-cookie sessions, but none for webhooks: Twilio sends no cookie and is sent
+    none, and opening and saving a session cost a webhook a twentieth of its time."""
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if request.path.startswith(WEBHOOK_PATH):
+            return None  # Flask's null session: readable, empty, never saved
+        return super().open_session(app, request)
+
+
+WEBHOOK_PATH = "/twilio/"
 ADMIN_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -112,12 +144,16 @@ def _security_headers(response: Response) -> Response:
     sniffing, no inline script (pages that set a stricter policy, like the patient page,
     keep theirs); HSTS only when the request came over TLS, directly or, with
     ENGAGE_TRUST_PROXY=1, as the proxy's X-Forwarded-Proto says (docs/web-security.md)."""
-    for name, value in ADMIN_HEADERS.items():
-        response.headers.setdefault(name, value)
+    wanted = list(ADMIN_HEADERS.items())
     if request.is_secure:
-        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        wanted.append(("Strict-Transport-Security", "max-age=31536000"))
     if request.path.startswith(PRIVATE_PATHS):
-        response.headers.setdefault("Cache-Control", "no-store")
+        wanted.append(("Cache-Control", "no-store"))
+    headers = response.headers
+    present = {name.lower() for name, _ in headers}  # one pass, not one per header
+    for name, value in wanted:
+        if name.lower() not in present:
+            headers.add(name, value)
     return response
 
 

@@ -11,21 +11,32 @@ answered 200: Twilio logs a 4xx as an error and, with retries configured, sends 
 Twilio may retry a text while the first attempt is still running. The write sessions
 make the retry wait (SQLite: BEGIN IMMEDIATE queues for the lock; PostgreSQL: the insert
 waits on the MessageSid's unique index, then does nothing), so it sees the first
-attempt's row and is answered as a duplicate, not with a 500.
+attempt's row and is answered as a duplicate, not with a 500. Handling being idempotent, a
+request whose database connection turns out dead (PostgreSQL restarted) is run again, once.
+
+The active definitions are read from the database at most once a second per process
+(DEFINITIONS_MAX_AGE): a newly synced set answers every webhook from one second after its
+commit on, and no text or report is handled with a set replaced more than a second ago.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from typing import TypeVar
 from xml.sax.saxutils import escape
 
 from flask import Blueprint, Response, abort, current_app, request
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 
+from engine.definitions import DefinitionSet
 from engine.delivery_status import StatusReport, handle_status
 from engine.dispatch_gate import wait_for_sends
-from engine.inbound import InboundSms, handle_inbound
+from engine.inbound import InboundResult, InboundSms, handle_inbound
+from engine.runtime import Runtime
 from engine.web import now_of, runtime_of
 
 log = logging.getLogger("engine.inbound")
@@ -38,6 +49,8 @@ MAX_WEBHOOK_BYTES = 64 * 1024
 # Twilio's sids are 34 characters; 48 fits every column a sid is written into.
 _SID = re.compile(r"[A-Za-z0-9_-]{1,48}")
 _ERROR_CODE = re.compile(r"[0-9]{1,9}")  # ASCII digits only; fits the integer column
+DEFINITIONS_MAX_AGE = 1.0  # seconds (engine.runtime.Runtime.definitions)
+T = TypeVar("T")
 
 
 def _twiml(reply: str | None = None) -> Response:
@@ -105,12 +118,15 @@ def inbound() -> Response:
         body=request.form.get("Body", ""),
         opt_out_type=request.form.get("OptOutType") or None,
     )
-    rt = runtime_of(current_app)
-    with rt.write_sessions.begin() as session:
-        defs = rt.definitions(session)
-        result = handle_inbound(
-            session=session, keyring=rt.keyring, defs=defs, message=message, now=now_of(current_app)
+    rt, now = runtime_of(current_app), now_of(current_app)
+
+    def handle(session: Session) -> InboundResult:
+        defs = _definitions(rt, session)
+        return handle_inbound(
+            session=session, keyring=rt.keyring, defs=defs, message=message, now=now
         )
+
+    result = _in_transaction(rt, handle)
     if result.opted_out:  # answered once no text of theirs is still on its way
         left = wait_for_sends(session_factory=rt.write_sessions, patient_ids=result.opted_out)
         if left:
@@ -127,10 +143,31 @@ def delivery_status() -> Response:
         error_code=_error_code(),
         ref=request.args.get("ref"),
     )
-    rt = runtime_of(current_app)
-    with rt.write_sessions.begin() as session:
-        defs = rt.definitions(session)
-        handle_status(
-            session=session, keyring=rt.keyring, defs=defs, report=report, now=now_of(current_app)
-        )
+    rt, now = runtime_of(current_app), now_of(current_app)
+
+    def handle(session: Session) -> str:
+        defs = _definitions(rt, session)
+        return handle_status(session=session, keyring=rt.keyring, defs=defs, report=report, now=now)
+
+    _in_transaction(rt, handle)
     return _twiml()
+
+
+def _definitions(rt: Runtime, session: Session) -> DefinitionSet:
+    """The active set, its version read at most DEFINITIONS_MAX_AGE ago."""
+    return rt.definitions(session, max_age=DEFINITIONS_MAX_AGE)
+
+
+def _in_transaction(rt: Runtime, work: Callable[[Session], T]) -> T:
+    """`work` in one write transaction; once more on a new connection when the first one
+    was dead (a PostgreSQL restart the pool had not noticed). Safe: a retried text is a
+    duplicate by MessageSid, and a report only moves a row forward."""
+    try:
+        with rt.write_sessions.begin() as session:
+            return work(session)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("webhook.retried_after_disconnect")
+    with rt.write_sessions.begin() as session:
+        return work(session)
