@@ -10,7 +10,8 @@ dispatcher sending every queued row through the twilio transport to the sandbox,
 `--threads` sends in flight (coroutines on the SDK's async client, or a thread pool with
 `--client threaded`). In the same run, bare loops of the same SDK create calls at the same
 concurrency (threads, and coroutines on the async client) give the ceilings; the ratio to
-the bare loop of the same client kind says what the engine's own work costs.
+the bare loop of the same client kind says what the engine's own work costs, and the
+ratio of their CPU per message says it with less noise on a shared machine.
 
 On PostgreSQL, the planned database is then copied once per process count and the same
 rows dispatched by 1, 2 and 4 dispatcher processes at once (real processes, started and
@@ -47,6 +48,7 @@ from engine.store.defqueries import active_definitions
 from engine.transports.base import Transport
 from engine.transports.twilio import TwilioTransport
 from engine.transports.twilio_async import AsyncTwilioTransport
+from engine.worker import freeze_startup_heap
 
 AT = datetime.fromisoformat("2026-12-02T00:00:00+00:00")
 BATCH = 500
@@ -79,8 +81,9 @@ def run(
             _snapshot(database) if args.processes and database.startswith("postgres") else None
         )
         transport = _transport(p.settings, args.client, args.threads)
-        sent = _dispatch(p.settings, transport, args.threads, server.url, figures, label="dispatch")
-        _bare_loops(server.url, args.threads, sent, args.client, figures)
+        sent, cpu = _dispatch(p.settings, transport, args.threads, server.url, figures,
+                              label="dispatch")  # fmt: skip
+        _bare_loops(server.url, args.threads, sent, args.client, figures, cpu)
         if planned is not None:
             _process_table(database, planned, env, args, server.url, figures)
     finally:
@@ -94,14 +97,16 @@ def _transport(settings: Settings, client: str, threads: int) -> Transport:
 
 
 def _dispatch(settings: Settings, transport: Transport, threads: int, url: str,
-              figures: Figures, *, label: str) -> int:  # fmt: skip
-    """One dispatcher in this process until no row is due; returns the rows sent."""
+              figures: Figures, *, label: str) -> tuple[int, float]:  # fmt: skip
+    """One dispatcher in this process until no row is due; returns the rows sent and the
+    process's CPU seconds meanwhile."""
     keyring = load_keys(settings)
     # The claim is one writer transaction: BEGIN IMMEDIATE on SQLite (a no-op elsewhere).
     claims = db.make_engine(settings.database_url, sqlite_immediate=True)
     sessions = db.make_session_factory(claims)
     with sessions() as session:
         defs = active_definitions(session=session)
+    freeze_startup_heap()  # as `engage dispatch` does once built
     load = os.getloadavg()[0]
     started, cpu = time.perf_counter(), time.process_time()
     result = dispatch_until_idle(
@@ -120,7 +125,7 @@ def _dispatch(settings: Settings, transport: Transport, threads: int, url: str,
                 f"load {load:.1f})")  # fmt: skip
     transport.close()  # type: ignore[attr-defined]
     claims.dispose()
-    return sent
+    return sent, cpu
 
 
 def _received(url: str, sent: int) -> tuple[int, int]:
@@ -133,19 +138,26 @@ def _received(url: str, sent: int) -> tuple[int, int]:
     return received, received - sent
 
 
-def _bare_loops(url: str, threads: int, sent: int, client: str, figures: Figures) -> None:
-    """The same create calls without the engine, threaded and async, same concurrency."""
+def _bare_loops(
+    url: str, threads: int, sent: int, client: str, figures: Figures, cpu: float
+) -> None:
+    """The same create calls without the engine, threaded and async, same concurrency. The
+    ratio of CPU per message (this process's) is the steadier one on a shared machine."""
     dispatched = figures.rows[-1][1]
     rate = float(dispatched.split()[0].replace(",", ""))
     bare = {"threaded": _bare_threaded(url, threads, sent)}
     SandboxClient(url).reset()
-    seconds, _ = raw_async_loop(url, threads, sent)
+    seconds, bare_cpu = raw_async_loop(url, threads, sent)
     bare["async"] = sent / seconds
     SandboxClient(url).reset()
     for kind, value in bare.items():
+        cpu_note = f", {bare_cpu * 1e3 / sent:.2f} ms CPU/message" if kind == "async" else ""
         figures.add(f"bare SDK loop, {kind}", f"{value:,.0f} messages/s",
-                    f"({sent:,} create calls, {threads} in flight)")  # fmt: skip
+                    f"({sent:,} create calls, {threads} in flight{cpu_note})")  # fmt: skip
     figures.add("dispatch / bare", f"{rate / bare[client]:.2f}", f"(the {client} bare loop)")
+    if client == "async":
+        figures.add("dispatch / bare, CPU", f"{bare_cpu / max(cpu, 1e-9):.2f}",
+                    "(the bare async loop's CPU per message over the dispatcher's)")  # fmt: skip
 
 
 def _bare_threaded(url: str, threads: int, count: int) -> float:
@@ -235,6 +247,7 @@ def _worker(env: dict[str, str], worker_id: str, threads: int, client: str, read
         defs = active_definitions(session=session)
     transport = _transport(settings, client, threads)
     keyring = load_keys(settings)
+    freeze_startup_heap()
     ready.wait()
     go.wait()
     report: DispatchReport = dispatch_until_idle(

@@ -29,7 +29,7 @@ def _build(rt: Runtime) -> tuple[Any, Transport]:
 
 
 def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
-    from engine.worker import Worker, WorkerConfig, default_worker_id
+    from engine.worker import Worker, WorkerConfig, default_worker_id, freeze_startup_heap
 
     lower_priority(rt.settings.worker_nice)
     session_factory, transport = _build(rt)
@@ -39,7 +39,7 @@ def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
     if options.get("rate_per_second") is None:
         options["rate_per_second"] = rt.settings.send_rate_per_second
     config = WorkerConfig(**options)
-    return Worker(
+    built = Worker(
         config=config,
         settings=rt.settings,
         session_factory=session_factory,
@@ -48,6 +48,8 @@ def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
         clock=clock,
         plan_session_factory=rt.session_factory,
     )
+    freeze_startup_heap()
+    return built
 
 
 def lower_priority(increment: int) -> None:

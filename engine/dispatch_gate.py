@@ -34,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, exists, func, select, update
@@ -43,6 +44,7 @@ from engine import failpoints
 from engine import outbox_status as status
 from engine.dispatch_claim import PROGRAM_CAMPAIGN, Claimed
 from engine.store import models as m
+from engine.store.outbox_queries import among
 
 log = logging.getLogger("engine.dispatch")
 
@@ -63,8 +65,10 @@ def withdrawable() -> ColumnElement[bool]:
     return (o.status.in_(sorted(status.WAITING)) | claimed_only) & o.unsettled_since.is_(None)
 
 
-def _start_statement() -> Any:
-    """start_sends' UPDATE, built once (bound: ids, worker, claim, since, now)."""
+@cache
+def _start_statement(postgres: bool) -> Any:
+    """start_sends' UPDATE, built once per dialect (bound: ids, worker, claim, since,
+    now); the ids as one array on PostgreSQL (outbox_queries.among)."""
     o, p, s, e = m.Outbox, m.Patient, m.Suppression, m.ConsentEvent
     erased = exists().where(p.id == o.patient_id, p.erased_at.is_not(None))
     suppressed = exists().where(p.id == o.patient_id, s.phone_index == p.phone_index)
@@ -76,7 +80,8 @@ def _start_statement() -> Any:
     )
     return (
         update(o)
-        .where(o.id.in_(bindparam("ids", expanding=True)), o.status == status.SENDING)
+        .where(among(o.id, "ids") if postgres else o.id.in_(bindparam("ids", expanding=True)))
+        .where(o.status == status.SENDING)
         .where(o.claimed_by == bindparam("worker"))
         .where(o.claimed_at == bindparam("claim", type_=m.UTCDateTime()))
         .where(o.send_started_at.is_(None), ~erased)
@@ -84,9 +89,6 @@ def _start_statement() -> Any:
         .values(send_started_at=bindparam("now", type_=m.UTCDateTime()))
         .returning(o.id)
     )
-
-
-_START = _start_statement()
 
 
 def start_sends(
@@ -107,7 +109,8 @@ def start_sends(
         "now": now,
     }
     connection = session.connection() if isinstance(session, Session) else session
-    return set(connection.execute(_START, params).scalars())
+    statement = _start_statement(connection.dialect.name == "postgresql")
+    return set(connection.execute(statement, params).scalars())
 
 
 class _Waiters:

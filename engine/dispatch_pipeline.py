@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine import audit
@@ -33,7 +34,22 @@ RECORD_CHUNK = 100  # completed sends recorded in one transaction at most
 # rows at once under a rate limit but cost PostgreSQL dispatch at full speed about 12%:
 # 1,151-1,193 against 1,318-1,342 messages/s.)
 RECORD_EVERY = 0.05
+# Under a rate limit a record transaction waits for about this many completed sends, at
+# most RECORD_EVERY_LIMITED seconds: at 50 messages/s, records every 0.05 s wrote two or
+# three rows each, and their transactions were a sixth of the dispatcher's CPU.
+RECORD_ROWS_LIMITED = 10
+RECORD_EVERY_LIMITED = 0.2
 RECORDS_QUEUED = 4  # record transactions waiting for the record thread at most
+
+
+def record_window(rate: float | None) -> float:
+    """Seconds a completed send waits at most for its record transaction: RECORD_EVERY,
+    or under a rate limit the time RECORD_ROWS_LIMITED sends take (up to
+    RECORD_EVERY_LIMITED). A STOP that finds one of the patient's texts started waits for
+    its record (engine.dispatch_gate.wait_for_sends), so the window stays short."""
+    if not rate:
+        return RECORD_EVERY
+    return min(RECORD_EVERY_LIMITED, max(RECORD_EVERY, RECORD_ROWS_LIMITED / rate))
 
 
 @dataclass
@@ -97,11 +113,13 @@ class Pipeline:
         worker_id: str,
         *,
         low_water: int,
+        record_every: float = RECORD_EVERY,
     ) -> None:
         self.session_factory = session_factory
         self.submit = submit
         self.worker_id = worker_id
         self.low_water = low_water
+        self.record_every = record_every
         self.done: queue.SimpleQueue[Future[SendOutcome]] = queue.SimpleQueue()
         self.flying: dict[Future[SendOutcome], Flight] = {}
         self.finished: list[tuple[Flight, SendOutcome | None]] = []
@@ -116,6 +134,7 @@ class Pipeline:
             if getattr(getattr(bind, "dialect", None), "name", None) == "postgresql"
             else None
         )
+        self._connection: Connection | None = None  # the record thread's own, kept
 
     def until_idle(
         self,
@@ -133,6 +152,8 @@ class Pipeline:
         finally:  # what was sent is recorded, whatever went wrong meanwhile
             if self.recorder is not None:
                 self.recorder.shutdown(wait=True)
+            if self._connection is not None:
+                self._connection.close()
         while self.records:
             self.records.popleft().result()
         return self.total
@@ -156,11 +177,11 @@ class Pipeline:
                     now = clock()
                     claiming = self._launch(*claim(now), context(now))
                 continue
-            self._collect(timeout=RECORD_EVERY if self.finished else None)
+            self._collect(self.waiting_since + self.record_every if self.finished else None)
             if self.finished and (
                 len(self.finished) >= RECORD_CHUNK
                 or not self.flying
-                or time.perf_counter() - self.waiting_since >= RECORD_EVERY
+                or time.perf_counter() - self.waiting_since >= self.record_every
             ):
                 self._record()
 
@@ -188,8 +209,15 @@ class Pipeline:
             future.add_done_callback(self.done.put)
         return True
 
-    def _collect(self, timeout: float | None) -> None:
-        """Wait for a send to complete (at most `timeout` seconds), then take all done."""
+    def _collect(self, deadline: float | None) -> None:
+        """Wait for a send to complete (until `deadline`, a perf_counter time, at most),
+        then take all done. With a record window longer than RECORD_EVERY (a rate limit,
+        where a claim is due a second or more ahead), sleep through the window instead of
+        waking for each completion."""
+        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        if timeout and self.record_every > RECORD_EVERY:
+            time.sleep(timeout)
+            timeout = 0.0
         try:
             future = self.done.get(timeout=timeout if self.flying else 0)
         except queue.Empty:
@@ -235,16 +263,40 @@ class Pipeline:
     def _write(
         self, groups: list[tuple[Flight, list[SendOutcome]]], complete: list[Flight]
     ) -> None:
-        with self.session_factory.begin() as session:
-            for flight, outcomes in groups:
-                if outcomes:
-                    flight.report.add(
-                        record_outcomes(session=session, outcomes=outcomes, ctx=flight.ctx)
-                    )
-            for flight in complete:
-                audit_batch(session, flight.report, worker_id=self.worker_id, now=flight.ctx.now)
+        with self._session() as session:
+            try:
+                with session.begin():
+                    for flight, outcomes in groups:
+                        if outcomes:
+                            counts = record_outcomes(
+                                session=session, outcomes=outcomes, ctx=flight.ctx
+                            )
+                            flight.report.add(counts)
+                    for flight in complete:
+                        audit_batch(
+                            session, flight.report, worker_id=self.worker_id, now=flight.ctx.now
+                        )
+            except BaseException:
+                self._drop_connection()
+                raise
         for flight in complete:
             self._close(flight)
+
+    def _session(self) -> Session:
+        """A session for one record transaction. In the record thread, on a connection of
+        its own kept between transactions (no pool checkout, and no ping, per record)."""
+        if self.recorder is None:
+            return self.session_factory()
+        if self._connection is None:
+            self._connection = self.session_factory.kw["bind"].connect()
+        return self.session_factory(bind=self._connection)
+
+    def _drop_connection(self) -> None:
+        """After an error the kept connection may be broken: the next record takes a new one."""
+        if self._connection is not None:
+            self._connection.invalidate()
+            self._connection.close()
+            self._connection = None
 
     def _close(self, flight: Flight) -> None:
         flight.report.seconds = time.perf_counter() - flight.started

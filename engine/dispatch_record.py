@@ -39,7 +39,7 @@ from engine.crypto import Keyring
 from engine.definitions import DefinitionSet
 from engine.dispatch_gate import REVOCATION_MARGIN
 from engine.dispatch_send import SendOutcome, describe, earliest, retry_at
-from engine.store import consent_queries
+from engine.store import consent_queries, outbox_queries
 from engine.store import models as m
 from engine.store.codec import PatientErased
 from engine.transports.base import ProviderError
@@ -111,36 +111,25 @@ def record_accepted(
 ) -> dict[str, int]:
     """The common case, without loading the rows: the provider accepted these texts.
 
-    The rows still ours are locked first (FOR UPDATE; SQLite's writer lock does the same),
-    so the guarded UPDATE that follows cannot miss one of them."""
-    o = m.Outbox
-    ids = sorted(x.claimed.outbox_id for x in outcomes)
-    stmt = select(o.id).where(o.id.in_(ids), o.status == status.SENDING)
-    stmt = stmt.where(o.claimed_by == ctx.worker_id).order_by(o.id)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    mine = set(session.scalars(stmt))
-    failpoints.hit("record.before_accepted")
-    params = [
-        {"oid": x.claimed.outbox_id, "sid": x.result.provider_sid, "pstatus": x.result.status}
+    Only rows still ours are written (`sending`, claimed by this worker), locked in id
+    order first (FOR UPDATE; SQLite's writer lock does the same): on PostgreSQL in the
+    same statement as the update (outbox_queries.mark_sent), on SQLite by a select before
+    it, so that the guarded UPDATE cannot miss one of them."""
+    sends = [
+        (x.claimed.outbox_id, x.result.provider_sid, x.result.status)
         for x in outcomes
-        if x.result is not None and x.claimed.outbox_id in mine
+        if x.result is not None
     ]
-    if params:
-        session.connection().execute(
-            update(o)
-            .where(o.id == bindparam("oid"), o.status == status.SENDING)
-            .where(o.claimed_by == ctx.worker_id)
-            .values(
-                status=status.SENT,
-                provider_sid=bindparam("sid"),
-                provider_status=bindparam("pstatus"),
-                sent_at=ctx.now,
-                attempts=o.attempts + 1,
-                unsettled_since=None,
-            ),
-            params,
+    if session.get_bind().dialect.name == "postgresql":
+        failpoints.hit("record.before_accepted")
+        mine = outbox_queries.mark_sent(
+            session=session, worker_id=ctx.worker_id, now=ctx.now, sends=sends
         )
+    else:
+        mine = _lock_mine(session, [row_id for row_id, _, _ in sends], ctx.worker_id)
+        failpoints.hit("record.before_accepted")
+        _write_sent(session, [s for s in sends if s[0] in mine], ctx)
+    if mine:
         failpoints.hit("record.after_accepted")
     for x in outcomes:
         if x.claimed.outbox_id not in mine:
@@ -148,8 +137,36 @@ def record_accepted(
                 "dispatch.claim_lost",
                 extra={"fields": {"worker": ctx.worker_id, "outbox_id": x.claimed.outbox_id}},
             )
-    lost = len(outcomes) - len(params)
-    return {"sent": len(params), **({"claim_lost": lost} if lost else {})}
+    lost = len(outcomes) - len(mine)
+    return {"sent": len(mine), **({"claim_lost": lost} if lost else {})}
+
+
+def _lock_mine(session: Session, ids: Sequence[int], worker_id: str) -> set[int]:
+    o = m.Outbox
+    stmt = select(o.id).where(o.id.in_(sorted(ids)), o.status == status.SENDING)
+    return set(session.scalars(stmt.where(o.claimed_by == worker_id).order_by(o.id)))
+
+
+def _write_sent(
+    session: Session, sends: Sequence[tuple[int, str, str | None]], ctx: RecordContext
+) -> None:
+    if not sends:
+        return
+    o = m.Outbox
+    session.connection().execute(
+        update(o)
+        .where(o.id == bindparam("oid"), o.status == status.SENDING)
+        .where(o.claimed_by == ctx.worker_id)
+        .values(
+            status=status.SENT,
+            provider_sid=bindparam("sid"),
+            provider_status=bindparam("pstatus"),
+            sent_at=ctx.now,
+            attempts=o.attempts + 1,
+            unsettled_since=None,
+        ),
+        [{"oid": oid, "sid": sid, "pstatus": ps} for oid, sid, ps in sends],
+    )
 
 
 def _apply(session: Session, row: m.Outbox, outcome: SendOutcome, ctx: RecordContext) -> str:

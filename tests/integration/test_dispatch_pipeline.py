@@ -11,8 +11,8 @@ from sqlalchemy import select
 from engine import outbox_status as st
 from engine.dispatch_claim import Claimed
 from engine.dispatch_record import RecordContext, record_outcomes
-from engine.dispatch_send import SendOutcome
-from engine.dispatcher import dispatch_until_idle
+from engine.dispatch_send import RateLimiter, SendOutcome
+from engine.dispatcher import claim_size, dispatch_until_idle
 from engine.store import models as m
 from engine.transports.base import SendResult
 from tests.integration import dispatch_fixtures as fx
@@ -113,3 +113,20 @@ def test_accepted_sends_are_recorded_only_on_rows_still_claimed_by_this_worker(
         "reconciler",
         None,
     )
+
+
+def test_under_a_rate_limit_a_claim_takes_what_the_rate_sends_in_the_claim_horizon(
+    ob: Outbox, sandbox: SandboxHandle
+) -> None:
+    row_ids = ob.rows([phone(500 + n) for n in range(10)])
+
+    # 4 messages/s over the 2 s horizon: 8 rows a claim, not the 100 asked for
+    report = drain(ob, limit=100, concurrency=2, limiter=RateLimiter(4))
+
+    assert (report.claimed, report.sent, report.batches) == (10, 10, 3)
+    assert [a["claimed"] for a in audited_batches(ob)] == [8, 2]
+    assert {r.status for r in b.outbox(ob.sf, row_ids)} == {st.SENT}
+    assert sandbox.accepted_per_to() == {phone(500 + n): 1 for n in range(10)}
+    assert claim_size(500, concurrency=16, rate=None) == 500
+    assert claim_size(500, concurrency=16, rate=50) == 100
+    assert claim_size(500, concurrency=16, rate=1) == 16

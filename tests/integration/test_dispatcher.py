@@ -200,10 +200,14 @@ def test_expired_and_unapproved_rows_are_not_sent(ob: Outbox, sandbox: SandboxHa
             by="carol",
             now=ob.now,
         )
-    ob.set(late, expires_at=ob.now - timedelta(seconds=1))
+    planned = [{"rule": "tcpa-quiet-hours", "policy": "tcpa", "effect": "defer",
+                "message": "deferred at planning", "cite": None}]  # fmt: skip
+    ob.set(late, expires_at=ob.now - timedelta(seconds=1), reasons=planned)
     report = ob.dispatch()
     assert (report.expired, report.blocked) == (1, 1)
-    assert ob.get(late).status == st.EXPIRED
+    expired = ob.get(late)
+    assert expired.status == st.EXPIRED and expired.decided_at == ob.now
+    assert expired.reasons[:-1] == planned and expired.reasons[-1]["rule"] == "expired"
     assert ob.get(unapproved).reasons[-1]["rule"] == "template-approval"
     assert sandbox.create_requests_per_to() == {}
 

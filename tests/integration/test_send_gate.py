@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from engine import dispatcher
 from engine import outbox_status as st
 from engine.core.domain import ConsentEvent
 from engine.dispatch_claim import Claimed
@@ -153,6 +154,9 @@ def test_program_replies_pass_the_gate_to_a_suppressed_number(
     assert (report.sent, report.withheld) == (1, 0)
     [confirmation] = sandbox.messages(to=phone(50))
     assert confirmation["body"] == ob.defs.program.text("stop", "en")
+    with ob.sf() as session:  # its marker survives the claim, which decides it afresh
+        reply = session.scalars(select(m.Outbox).where(m.Outbox.campaign_id == "program")).one()
+    assert reply.status == st.SENT and reply.reasons[-1]["rule"] == "program-reply"
 
 
 def test_an_erased_patient_claimed_row_is_cancelled_and_never_passes(ob: Outbox) -> None:
@@ -257,3 +261,28 @@ def _send_async(claimed: Claimed, transport: Any, gate: SendGate) -> SendOutcome
                              stop=threading.Event(), lanes=Lanes(4), gate=gate)  # fmt: skip
     transport.submit(batch).result(timeout=10)
     return future.result(timeout=10)
+
+
+def test_under_a_rate_limit_rows_pass_the_gate_a_horizon_at_a_time(
+    ob: Outbox, sandbox: SandboxHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 40 messages/s the slots of 16 rows span 0.4 s: the rows whose slots come within
+    the gate's 0.2 s horizon are marked together, a few statements, not one per row."""
+    gates: list[SendGate] = []
+
+    class CountedGate(SendGate):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            gates.append(self)
+
+    monkeypatch.setattr(dispatcher, "SendGate", CountedGate)
+    row_ids = ob.rows([phone(800 + n) for n in range(16)])
+
+    report = ob.dispatch(limiter=RateLimiter(40), concurrency=16)
+
+    assert report.sent == 16 and len(sandbox.messages()) == 16
+    started = [ob.get(row_id).send_started_at for row_id in row_ids]
+    assert all(started)
+    [gate] = gates
+    if is_async(ob.transport):  # a thread pool's senders each ask for their own row
+        assert gate.statements <= 4

@@ -399,7 +399,7 @@ def test_slots_upsert_by_slot_id(session_factory: sessionmaker[Session]) -> None
 def test_the_claim_reads_due_rows_from_the_partial_index(engine: Engine) -> None:
     """The partial index's condition names exactly the waiting statuses, and the claim's
     query (as the database plans it) reads its rows in order from that index."""
-    from engine.dispatch_claim import _SQLITE_DUE, due_rows
+    from engine.dispatch_reads import _SQLITE_DUE, due_rows
     from engine.outbox_status import WAITING
 
     assert set(re.findall(r"'(\w+)'", m.WAITING_SQL)) == set(WAITING)
