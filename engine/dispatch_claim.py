@@ -6,6 +6,10 @@ locks their patients (`FOR NO KEY UPDATE`, in id order) before reading consent,
 suppressions and history, so that two workers deciding for one patient take turns and
 the second sees the first's `sending` rows. Rows to send are marked `sending` and
 committed before any provider call.
+
+The reads are engine.dispatch_reads' (Core rows, no ORM objects); each row's fresh
+decision becomes a dict of its new values, and the batch's are written together
+(outbox_queries.update_rows: one UPDATE per set of changed columns).
 """
 
 from __future__ import annotations
