@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine import outbox_status as st
@@ -395,6 +395,14 @@ class PrivateCluster:
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str = "engage") -> str:
+        """A new database on the cluster; its URL."""
+        eng = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        with eng.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        eng.dispose()
+        return self.url(name)
 
 
 def free_port() -> int:

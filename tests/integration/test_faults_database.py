@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,11 +40,7 @@ DOWN_SECONDS = 1.0
 @pytest.fixture
 def db_url(private_postgres: ff.PrivateCluster) -> str:
     """The database on the private cluster (replaces conftest's, for every fixture)."""
-    eng = create_engine(private_postgres.url(), isolation_level="AUTOCOMMIT")
-    with eng.connect() as connection:
-        connection.execute(text('CREATE DATABASE "engage"'))
-    eng.dispose()
-    return private_postgres.url("engage")
+    return private_postgres.create_database()
 
 
 def sent_share(session_factory: sessionmaker[Session], total: int) -> float:

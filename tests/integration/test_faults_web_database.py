@@ -12,7 +12,7 @@ import logging
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import event
 from twilio.request_validator import RequestValidator
 
 from engine.settings import Settings
@@ -30,11 +30,7 @@ RETRIED = "webhook.retried_after_disconnect"
 @pytest.fixture
 def db_url(private_postgres: ff.PrivateCluster) -> str:
     """The database on the private cluster (replaces conftest's, for every fixture)."""
-    eng = create_engine(private_postgres.url(), isolation_level="AUTOCOMMIT")
-    with eng.connect() as connection:
-        connection.execute(text('CREATE DATABASE "engage"'))
-    eng.dispose()
-    return private_postgres.url("engage")
+    return private_postgres.create_database()
 
 
 def test_webhooks_are_answered_after_postgresql_restarted(
