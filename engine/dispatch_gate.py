@@ -44,7 +44,7 @@ from engine import failpoints
 from engine import outbox_status as status
 from engine.dispatch_claim import PROGRAM_CAMPAIGN, Claimed
 from engine.store import models as m
-from engine.store.outbox_queries import among
+from engine.store.queries import among
 
 log = logging.getLogger("engine.dispatch")
 
@@ -68,7 +68,7 @@ def withdrawable() -> ColumnElement[bool]:
 @cache
 def _start_statement(postgres: bool) -> Any:
     """start_sends' UPDATE, built once per dialect (bound: ids, worker, claim, since,
-    now); the ids as one array on PostgreSQL (outbox_queries.among)."""
+    now); the ids as one array on PostgreSQL (queries.among)."""
     o, p, s, e = m.Outbox, m.Patient, m.Suppression, m.ConsentEvent
     erased = exists().where(p.id == o.patient_id, p.erased_at.is_not(None))
     suppressed = exists().where(p.id == o.patient_id, s.phone_index == p.phone_index)

@@ -166,7 +166,7 @@ def lock_patients(*, session: Session, patient_ids: Sequence[int]) -> list[Any]:
         return list(session.execute(select(table).where(table.c.id.in_(patient_ids))))
     stmt = (
         select(table)
-        .where(outbox_queries.among(table.c.id, "patient_ids"))
+        .where(queries.among(table.c.id, "patient_ids"))
         .order_by(table.c.id)
         .with_for_update(key_share=True)
     )

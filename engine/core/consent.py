@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import TypeVar
 
 from engine.core.domain import ConsentEvent, ConsentState
 
-ConsentRow = tuple[str, str, str, datetime, str | None, str | None]
-"""(purpose, channel, status, occurred_at, legal_basis, method) of one ledger event."""
+K = TypeVar("K", bound=Hashable)
+
+Latest = tuple[bool, str | None, str | None, datetime | None, datetime | None]
+"""(active, legal_basis, method, granted_at, revoked_at): a ConsentState's varying fields."""
 
 
 def fold(events: Iterable[ConsentEvent]) -> dict[tuple[str, str], ConsentState]:
@@ -19,36 +21,32 @@ def fold(events: Iterable[ConsentEvent]) -> dict[tuple[str, str], ConsentState]:
     after a grant at the same second still revokes.
     """
     ordered = sorted(enumerate(events), key=lambda pair: (pair[1].occurred_at, pair[0]))
-    return fold_ordered(
-        (e.purpose, e.channel, e.status, e.occurred_at, e.legal_basis, e.method) for _, e in ordered
+    latest = fold_latest(
+        ((e.purpose, e.channel), e.status, e.occurred_at, e.legal_basis, e.method)
+        for _, e in ordered
     )
+    return {
+        (purpose, channel): ConsentState(purpose, channel, *fields)
+        for (purpose, channel), fields in latest.items()
+    }
 
 
-def fold_ordered(rows: Iterable[ConsentRow]) -> dict[tuple[str, str], ConsentState]:
-    """`fold` of events already in order (by occurrence time, then ledger order), given as
-    plain rows: what a database sorting the ledger hands over. Only the final state of each
-    (purpose, channel) is built."""
-    latest: dict[tuple[str, str], tuple[bool, str | None, str | None, datetime | None, Any]] = {}
-    for purpose, channel, status, occurred_at, legal_basis, method in rows:
-        key = (purpose, channel)
+def fold_latest(
+    rows: Iterable[tuple[K, str, datetime, str | None, str | None]],
+) -> dict[K, Latest]:
+    """The fold itself, for rows of (key, status, occurred_at, legal_basis, method) in
+    order, any key (a (purpose, channel), or a (patient, purpose) for a batch of ledgers
+    read at once): a grant makes the key active with its basis and time; a revocation
+    ends it and keeps the basis and time of the grant it ends."""
+    latest: dict[K, Latest] = {}
+    for key, status, occurred_at, legal_basis, method in rows:
         if status == "granted":
             latest[key] = (True, legal_basis, method, occurred_at, None)
-        else:  # a revocation keeps the basis and time of the grant it ends
+        else:
             previous = latest.get(key)
             basis, granted = (previous[1], previous[3]) if previous else (None, None)
             latest[key] = (False, basis, method, granted, occurred_at)
-    return {
-        (purpose, channel): ConsentState(
-            purpose=purpose,
-            channel=channel,
-            active=active,
-            legal_basis=basis,
-            method=method,
-            granted_at=granted,
-            revoked_at=revoked,
-        )
-        for (purpose, channel), (active, basis, method, granted, revoked) in latest.items()
-    }
+    return latest
 
 
 def current_consents(

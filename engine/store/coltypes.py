@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import DateTime, Dialect, TypeDecorator
 
@@ -31,6 +33,27 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any] | None:
+        """On SQLite, the stored text straight to an aware datetime in one C call: the
+        generic path (SQLAlchemy's parser, then `replace(tzinfo=UTC)`) costs about 1 µs
+        per value read, five times as much, on every datetime every query reads."""
+        generic = super().result_processor(dialect, coltype)
+        if dialect.name != "sqlite" or generic is None:
+            return generic
+
+        def process(value: Any) -> datetime | None:
+            if value is None:
+                return None
+            if isinstance(value, str) and len(value) in _SQLITE_FORMS:
+                return _parse(value + "+00:00")
+            return generic(value)  # anything else: as SQLAlchemy reads it (or refuses it)
+
+        return process
+
+
+_parse = datetime.fromisoformat
+_SQLITE_FORMS = (19, 26)  # "YYYY-MM-DD HH:MM:SS" (CURRENT_TIMESTAMP) and ".ffffff" (SQLAlchemy)
 
 
 def utcnow() -> datetime:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from types import MappingProxyType
 
 from sqlalchemy import Select, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from engine.core import domain
-from engine.core.consent import ConsentRow, current_consents, fold_ordered
+from engine.core.consent import current_consents, fold_latest
 from engine.crypto import Keyring
 from engine.store import codec
 from engine.store import models as m
@@ -92,27 +94,36 @@ def current_consents_for(
 def consent_states_for_many(
     *, session: Session, patient_ids: Sequence[int], purposes: Iterable[str], channel: str = "sms"
 ) -> dict[int, Mapping[str, domain.ConsentState]]:
-    """Current consent for many patients (by row id), one query per chunk of patients.
+    """Current consent for many patients (by row id), one query per group of patients.
 
-    The database orders each ledger as engine.core.consent.fold would (occurrence time,
-    then ledger order) and fold_ordered folds it. No key is unwrapped: states do not need
-    the evidence.
+    The database orders each ledger as engine.core.consent.fold would (patient, occurrence
+    time, then ledger order) and fold_latest folds all of them in one pass. No key is
+    unwrapped: states do not need the evidence. Patients without an event share one
+    read-only mapping of never-granted states.
     """
     purposes = tuple(purposes)
-    rows: dict[int, list[ConsentRow]] = {pid: [] for pid in patient_ids}
     e = m.ConsentEvent.__table__.c  # Core columns: rows skip the ORM's loading
-    columns = (e.patient_id, e.purpose, e.channel, e.status, e.occurred_at, e.legal_basis)
+    columns = (e.patient_id, e.purpose, e.status, e.occurred_at, e.legal_basis, e.method)
     order = (e.patient_id, e.occurred_at, e.id)
-    for criterion, wanted in id_groups(e.patient_id, patient_ids):
-        stmt = select(*columns, e.method).where(criterion, e.channel == channel).order_by(*order)
-        for pid, *row in session.execute(stmt).all():
-            if pid in wanted:
-                rows[pid].append(tuple(row))  # type: ignore[arg-type]
-    never = {p: domain.ConsentState(purpose=p, channel=channel) for p in purposes}
-    out: dict[int, Mapping[str, domain.ConsentState]] = {}
-    for pid, ledger in rows.items():
-        states = fold_ordered(ledger)
-        out[pid] = {p: states.get((p, channel)) or never[p] for p in purposes}
+    ledgers: list[tuple[tuple[int, str], str, datetime, str | None, str | None]] = []
+    for criterion, wanted in id_groups(session, e.patient_id, patient_ids):
+        stmt = select(*columns).where(criterion, e.channel == channel).order_by(*order)
+        ledgers += [
+            ((pid, purpose), status, at, basis, method)
+            for pid, purpose, status, at, basis, method in session.execute(stmt).all()
+            if pid in wanted
+        ]
+    never_states = {p: domain.ConsentState(p, channel) for p in purposes}
+    never = MappingProxyType(never_states)
+    recorded: dict[int, dict[str, domain.ConsentState]] = {}
+    for (pid, purpose), fields in fold_latest(ledgers).items():
+        if purpose in never_states:
+            states = recorded.get(pid)
+            if states is None:
+                states = recorded[pid] = dict(never_states)
+            states[purpose] = domain.ConsentState(purpose, channel, *fields)
+    out: dict[int, Mapping[str, domain.ConsentState]] = dict.fromkeys(patient_ids, never)
+    out.update(recorded)
     return out
 
 
@@ -162,7 +173,7 @@ def suppressed_patients(*, session: Session, patient_ids: Iterable[int]) -> set[
     """Patients whose phone number is on the suppression list (STOP, erasure)."""
     p, s = m.Patient.__table__, m.Suppression.__table__
     found: set[int] = set()
-    for criterion, wanted in id_groups(p.c.id, patient_ids):
+    for criterion, wanted in id_groups(session, p.c.id, patient_ids):
         stmt = select(p.c.id).join_from(p, s, s.c.phone_index == p.c.phone_index).where(criterion)
         found.update(pid for (pid,) in session.execute(stmt) if pid in wanted)
     return found

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import JSON, Dialect
@@ -43,11 +44,9 @@ def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -
         return {}
     connection = session.connection()
     dialect = connection.dialect
-    now = m.utcnow()
     convert = _converters(dialect)
     ordered = sorted(rows, key=lambda r: str(r["idempotency_key"]))
-    memo: dict[tuple[str, Any], Any] = {}
-    values = [_row(r, convert, now, memo) for r in ordered]
+    values = convert.rows(ordered, m.utcnow())
     driver = connection.connection.driver_connection
     if dialect.name == "postgresql":
         return _copy_insert(driver, values)
@@ -63,59 +62,50 @@ def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -
     return found
 
 
-def _row(
-    row: Mapping[str, Any],
-    convert: Converters,
-    now: Any,
-    memo: dict[tuple[str, Any], Any],
-) -> tuple[Any, ...]:
-    """The row's values in COLUMNS order, converted. Times and reasons repeat across the
-    rows of a batch (a tick's time, a rule's memoized reasons): each distinct value, or
-    reasons list object, is converted once per batch."""
-    get = row.get
-    out = [get(name, default) for name, default in convert.defaults]
-    for i, name, processor, shared in convert.processed:
-        value = out[i]
-        if value is _NOW:
-            value = now
-        if processor is not None and value is not None:
-            if shared:
-                key = (name, value if isinstance(value, datetime) else id(value))
+@dataclass(frozen=True)
+class Converters:
+    """How a dialect takes outbox rows: every column's value when a row leaves it out
+    (`base`), and for the columns whose values need converting their index in COLUMNS,
+    bind processor and whether values repeat across rows (times, reasons)."""
+
+    base: Mapping[str, Any]
+    processed: tuple[tuple[int, Callable[[Any], Any], bool], ...]
+
+    def rows(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> list[tuple[Any, ...]]:
+        """The rows' values in COLUMNS order, converted. Times and reasons repeat across
+        the rows of a batch (a tick's time, a rule's memoized reasons): each distinct
+        value, or reasons list object, of a column is converted once per batch."""
+        base = {**self.base, "created_at": now, "updated_at": now}
+        pick = itemgetter(*COLUMNS)
+        memos: list[dict[Any, Any]] = [{} for _ in self.processed]
+        out = []
+        for row in rows:
+            values = list(pick({**base, **row}))
+            for (i, processor, shared), memo in zip(self.processed, memos, strict=True):
+                value = values[i]
+                if value is None:
+                    continue
+                if not shared:
+                    values[i] = processor(value)
+                    continue
+                key = value if isinstance(value, datetime) else id(value)
                 converted = memo.get(key)
                 if converted is None:
                     converted = memo[key] = processor(value)
-                value = converted
-            else:
-                value = processor(value)
-        out[i] = value
-    return tuple(out)
-
-
-_NOW = object()
-
-
-@dataclass(frozen=True)
-class Converters:
-    """Per column, in COLUMNS order: its name and its value when a row leaves it out; and
-    for the columns whose values need converting (or default to now): index, name, bind
-    processor for this dialect (None: passed as is) and whether values repeat across rows."""
-
-    defaults: tuple[tuple[str, Any], ...]
-    processed: tuple[tuple[int, str, Callable[[Any], Any] | None, bool], ...]
+                values[i] = converted
+            out.append(tuple(values))
+        return out
 
 
 @cache
 def _converters(dialect: Dialect) -> Converters:
-    defaults, processed = [], []
+    processed = []
     for i, name in enumerate(COLUMNS):
         kind = TABLE.c[name].type
-        default = _NOW if name in ("created_at", "updated_at") else DEFAULTS.get(name)
-        shared = isinstance(kind, m.UTCDateTime | JSON)
         processor = kind._cached_bind_processor(dialect)
-        defaults.append((name, default))
-        if processor is not None or default is _NOW:
-            processed.append((i, name, processor, shared))
-    return Converters(tuple(defaults), tuple(processed))
+        if processor is not None:
+            processed.append((i, processor, isinstance(kind, m.UTCDateTime | JSON)))
+    return Converters(dict.fromkeys(COLUMNS) | DEFAULTS, tuple(processed))
 
 
 @cache

@@ -7,11 +7,13 @@ the caller owns the transaction.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import BigInteger, ColumnElement, any_, bindparam, select, tuple_
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from engine.core import domain
@@ -39,19 +41,46 @@ def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def id_groups(column: Any, ids: Iterable[int]) -> Iterator[tuple[Any, set[int]]]:
+def id_groups(
+    session: Session, column: Any, ids: Iterable[int]
+) -> Iterator[tuple[ColumnElement[bool], set[int]]]:
     """Criteria on `column` covering `ids`, with the ids each one is for.
 
     A dense run of ids (a batch streamed in id order) becomes one BETWEEN, a range scan
-    with two parameters instead of hundreds; sparse ids fall back to IN lists. Callers
-    keep only rows whose id is in the group's set.
+    with two parameters instead of hundreds. Sparse ids are one array parameter on
+    PostgreSQL (`column = ANY(...)`: an IN list of 500 ids is rendered into the statement
+    and parsed by the driver anew each time, about 4 ms of CPU), IN lists elsewhere.
+    Callers keep only rows whose id is in the group's set.
     """
     ordered = sorted(set(ids))
     if len(ordered) > 50 and ordered[-1] - ordered[0] < 2 * len(ordered):
         yield column.between(ordered[0], ordered[-1]), set(ordered)
         return
+    if ordered and session.get_bind().dialect.name == "postgresql":
+        yield among(column, "ids", ordered), set(ordered)
+        return
     for chunk in chunks(ordered):
         yield column.in_(chunk), set(chunk)
+
+
+def among(column: Any, name: str, ids: Sequence[int] | None = None) -> ColumnElement[bool]:
+    """PostgreSQL: `column = ANY(:name)`, the ids bound as one array (given now, or at
+    execution under `name`)."""
+    param = bindparam(name, ids, type_=postgresql.ARRAY(BigInteger), unique=ids is not None)
+    return column == any_(param)
+
+
+def records(session: Session, stmt: Any) -> list[Any]:
+    """The rows of a Core select as named tuples. Reading a field of one is a C attribute
+    access, about ten times cheaper than reading it from a SQLAlchemy Row (0.04 against
+    0.35 µs), and streams read about twenty fields per patient."""
+    result = session.execute(stmt)
+    return list(map(_record_type(tuple(result.keys()))._make, result.all()))
+
+
+@cache
+def _record_type(names: tuple[str, ...]) -> Any:
+    return namedtuple("Record", names)  # type: ignore[misc]
 
 
 def existing_rows(
@@ -75,7 +104,7 @@ def ciphers_for(
     """Unwrapped ciphers by patient row id; erased patients (key destroyed) are absent."""
     ciphers: dict[int, PatientCipher] = {}
     p, k = m.Patient.__table__, m.PatientKey.__table__  # Core: rows skip the ORM's loading
-    for criterion, wanted in id_groups(k.c.patient_id, patient_ids):
+    for criterion, wanted in id_groups(session, k.c.patient_id, patient_ids):
         rows = session.execute(
             select(p.c.id, p.c.external_id, k.c.wrapped_key, k.c.master_key_id)
             .join_from(p, k, k.c.patient_id == p.c.id)
@@ -92,7 +121,7 @@ def keyed_patients(*, session: Session, patient_ids: Iterable[int]) -> set[int]:
     that unwraps nothing, for callers holding ciphers from an earlier read."""
     found: set[int] = set()
     k = m.PatientKey.__table__.c
-    for criterion, wanted in id_groups(k.patient_id, patient_ids):
+    for criterion, wanted in id_groups(session, k.patient_id, patient_ids):
         stmt = select(k.patient_id).where(criterion, k.wrapped_key.is_not(None))
         found.update(pid for (pid,) in session.execute(stmt).all() if pid in wanted)
     return found
@@ -219,7 +248,7 @@ def iter_patients(
     last: int | None = None
     while True:
         page = stmt if last is None else stmt.where(table.c.id > last)
-        rows = session.execute(page).all()
+        rows = records(session, page)
         if not rows:
             return
         batch = list(_patient_batch(session, keyring, rows, frozenset(sealed)))
@@ -274,8 +303,8 @@ def _of_patients(
     """The columns of the table's rows for these patients; ciphers_for already left out
     erased ones."""
     selected = [table.c[name] for name in columns]
-    for criterion, _ in id_groups(table.c.patient_id, ids):
-        yield from session.execute(select(*selected).where(criterion).order_by(order)).all()
+    for criterion, _ in id_groups(session, table.c.patient_id, ids):
+        yield from records(session, select(*selected).where(criterion).order_by(order))
 
 
 def patients_by_phone(*, session: Session, keyring: Keyring, e164: str) -> list[domain.Patient]:

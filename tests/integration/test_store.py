@@ -95,6 +95,37 @@ def test_aware_datetimes_round_trip_as_utc(
     assert later == "A1"
 
 
+def test_datetimes_read_back_as_the_same_instant_in_utc(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """Whole seconds, microseconds, before 1970, far ahead, any offset, and a value the
+    database wrote itself as text without fraction (SQL, not the model): each reads back
+    as the instant written, aware in UTC."""
+    written = [
+        datetime(2025, 3, 10, 14, 30, tzinfo=UTC),
+        datetime(2025, 3, 10, 14, 30, 0, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(9998, 1, 1, tzinfo=timezone(timedelta(hours=14))),
+        datetime(2024, 2, 29, 0, 0, 7, 250_000, tzinfo=timezone(timedelta(hours=-9, minutes=-30))),
+    ]
+    with session_factory() as session:
+        for i, at in enumerate(written):
+            session.add(m.Slot(slot_id=f"S{i}", kind="visit", starts_at=at, booked_at=None))
+        session.execute(
+            text(
+                "INSERT INTO slots (slot_id, kind, provider, location, starts_at, duration_min,"
+                " created_at) VALUES ('SQL', 'visit', '', '', '2025-01-02 03:04:05', 30,"
+                " '2025-01-02 03:04:05')"
+            )
+        )
+        session.commit()
+        read = dict(session.execute(select(m.Slot.slot_id, m.Slot.starts_at)).all())
+        none = session.scalars(select(m.Slot.booked_at)).all()
+    assert read.pop("SQL") == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert [read[f"S{i}"] for i in range(len(written))] == written
+    assert all(at.tzinfo is UTC for at in read.values()) and set(none) == {None}
+
+
 def test_naive_datetimes_are_refused(session_factory: sessionmaker[Session]) -> None:
     with session_factory() as session:
         session.add(m.Slot(slot_id="S1", kind="visit", starts_at=datetime(2025, 1, 1, 9, 0)))
@@ -335,6 +366,56 @@ def test_the_batch_consent_fold_equals_folding_each_ledger(
         )
     for external_id, events in ledgers.items():
         assert batch[ids[external_id]] == current_consents(events, purposes=PURPOSES)
+
+
+def test_batch_reads_of_scattered_ids_equal_reads_one_patient_at_a_time(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """Ids too sparse for a range (one array on PostgreSQL, IN lists on SQLite), a dense
+    run (one BETWEEN) and none at all: each batch read finds what reading every patient
+    alone finds."""
+    with session_factory() as session:
+        records = [make_record(f"P{i}", phone=f"+1212555{i:04d}") for i in range(240)]
+        add_patients(session, keyring, *records)
+        for i in range(0, 240, 3):
+            event = grant(f"P{i}", PURPOSES[i % 3], T0)
+            consent_queries.record_consent_event(session=session, keyring=keyring, event=event)
+        for i in range(0, 240, 5):
+            consent_queries.add_suppression(
+                session=session, keyring=keyring, e164=f"+1212555{i:04d}", reason="stop"
+            )
+        session.commit()
+        ids = sorted(
+            queries.patient_ids_for(
+                session=session, external_ids=[f"P{i}" for i in range(240)]
+            ).values()
+        )
+        scattered, dense = ids[::4], ids[100:180]
+
+        def batch(chosen: list[int]) -> tuple:
+            return (
+                sorted(queries.ciphers_for(session=session, keyring=keyring, patient_ids=chosen)),
+                queries.keyed_patients(session=session, patient_ids=chosen),
+                consent_queries.suppressed_patients(session=session, patient_ids=chosen),
+                consent_queries.consent_states_for_many(
+                    session=session, patient_ids=chosen, purposes=PURPOSES
+                ),
+            )
+
+        def alone(chosen: list[int]) -> tuple:
+            parts = [batch([pid]) for pid in chosen]
+            return (
+                sorted(pid for part in parts for pid in part[0]),
+                set().union(*(part[1] for part in parts)),
+                set().union(*(part[2] for part in parts)),
+                {pid: states for part in parts for pid, states in part[3].items()},
+            )
+
+        for chosen in (scattered, dense):
+            found = batch(chosen)
+            assert found == alone(chosen)
+            assert len(found[0]) == len(chosen) and found[2] and found[3]
+        assert batch([]) == ([], set(), set(), {})
 
 
 def test_suppressions_by_blind_index(

@@ -1,0 +1,71 @@
+"""The planner's bulk outbox insert stores what the ORM stores, on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.crypto import Keyring
+from engine.store import models as m
+from engine.store import outbox_insert, queries
+
+from .test_store import add_patients, make_record
+
+NOW = datetime(2026, 3, 10, 16, 0, tzinfo=UTC)
+SKIPPED = {"id", "idempotency_key", "created_at", "updated_at"}
+
+
+def planned(pid: int, n: int, reasons: list[Any]) -> dict[str, Any]:
+    """A planned row as the planner gives it: no anchor, attempts, times of creation."""
+    due = NOW + timedelta(minutes=n % 3)  # times repeat across rows, as in a tick
+    return {
+        "campaign_id": "statin-refill", "campaign_version": "v1", "template_id": "statin-refill",
+        "template_version": "t1", "locale": "en", "purpose": "adherence", "patient_id": pid,
+        "occurrence": f"o{n}", "outcome": "allow" if n % 2 else "deny",
+        "status": "queued" if n % 2 else "blocked", "due_at": due,
+        "send_at": due.astimezone(timezone(timedelta(hours=-5))) if n % 2 else None,
+        "expires_at": due + timedelta(hours=10), "body_enc": bytes([n]) * 40,
+        "segments": 1, "encoding": "GSM-7", "reasons": reasons, "policy_set": "p1",
+        "decided_at": NOW,
+    }  # fmt: skip
+
+
+def stored(session: Session, prefix: str) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(m.Outbox).where(m.Outbox.idempotency_key.startswith(prefix)).order_by(m.Outbox.id)
+    )
+    return [
+        {c.name: getattr(r, c.key) for c in m.Outbox.__table__.columns if c.name not in SKIPPED}
+        for r in rows
+    ]
+
+
+def test_bulk_rows_read_back_as_rows_the_orm_inserted(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+        shared = [{"rule": "consent", "effect": "deny", "message": "no consent"}]
+        rows = [planned(pid, n, shared if n % 2 == 0 else []) for n in range(7)]
+        bulk = [{**r, "idempotency_key": f"bulk-{n}"} for n, r in enumerate(rows)]
+        orm = [
+            {**r, "idempotency_key": f"orm-{n}", "anchor": "", "attempts": 0}
+            for n, r in enumerate(rows)
+        ]
+        ids = outbox_insert.insert_outbox_rows(session=session, rows=list(reversed(bulk)))
+        session.execute(insert(m.Outbox), orm)
+        session.commit()
+        assert sorted(ids) == [f"bulk-{n}" for n in range(7)]
+        assert stored(session, "bulk-") == stored(session, "orm-")
+        times = session.execute(
+            select(m.Outbox.created_at, m.Outbox.updated_at).where(m.Outbox.id.in_(ids.values()))
+        ).all()
+        assert {created for created, _ in times} == {updated for _, updated in times}
+        assert all(abs(created - datetime.now(UTC)) < timedelta(minutes=1) for created, _ in times)
+        again = outbox_insert.insert_outbox_rows(session=session, rows=bulk[:3])
+        session.commit()
+        assert again == {} and len(stored(session, "bulk-")) == 7
