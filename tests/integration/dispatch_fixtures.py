@@ -42,9 +42,9 @@ def latency() -> tuple[float, float]:
 def sandbox(
     sandbox_factory: Callable[..., SandboxHandle], latency: tuple[float, float]
 ) -> SandboxHandle:
-    """conftest's sandbox, answering after `latency`; a `timeout` fault hangs for 1 s."""
+    """conftest's sandbox, answering after `latency`; a `timeout` fault hangs for 3 s."""
     faults = FaultConfig(latency_ms=latency)
-    return sandbox_factory(faults=faults, hang_seconds=1.0, delivered_delay_ms=0)
+    return sandbox_factory(faults=faults, hang_seconds=3.0, delivered_delay_ms=0)
 
 
 @pytest.fixture(params=["threaded", "async"])
@@ -53,9 +53,10 @@ def transport(
 ) -> Iterator[TwilioTransport | AsyncTwilioTransport]:
     """The twilio SDK against the sandbox, on its blocking client (the dispatcher sends from
     a thread pool) and on its async one (coroutines); it gives up waiting for an answer
-    after 0.5 s."""
+    after 2 s (an answer from a sandbox sharing the cores with another test's processes
+    can take over 0.5 s)."""
     kind = TwilioTransport if request.param == "threaded" else AsyncTwilioTransport
-    t = kind(sandbox.settings_for(settings), read_timeout=0.5)
+    t = kind(sandbox.settings_for(settings), read_timeout=2.0)
     yield t
     t.close()
 

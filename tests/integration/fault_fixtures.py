@@ -40,6 +40,7 @@ from engine import outbox_status as st
 from engine.crypto import Keyring
 from engine.settings import Settings
 from engine.store import models as m
+from tests.conftest import FIGURES
 from tests.integration import outbox_builders as b
 from tests.integration.conftest import SandboxHandle
 
@@ -332,19 +333,13 @@ def verdict(
     return v
 
 
-def report(
-    request: pytest.FixtureRequest,
-    capsys: pytest.CaptureFixture[str],
-    name: str,
-    figures: dict[str, Any],
-) -> str:
-    """Print the figures to the terminal (even under capture) and attach them to the test
-    report (junit XML properties); returns the line for assertion messages."""
+def report(request: pytest.FixtureRequest, name: str, figures: dict[str, Any]) -> str:
+    """Attach the figures to the test report (junit XML properties) and their line to the
+    run's "figures" summary (tests/conftest.py); returns the line for assertion messages."""
     line = f"[faults] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items())
     for key, value in figures.items():
         request.node.user_properties.append((key, value))
-    with capsys.disabled():
-        print(f"\n{line}")
+    request.node.user_properties.append((FIGURES, line))
     return line
 
 

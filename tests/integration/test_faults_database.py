@@ -68,7 +68,6 @@ def test_postgres_restarted_mid_dispatch_never_texts_twice_nor_loses_a_row(
     private_postgres: ff.PrivateCluster,
     now: datetime,
     request: pytest.FixtureRequest,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     sandbox = sandbox_factory(faults=FaultConfig(latency_ms=(2.0, 8.0)), delivered_delay_ms=0)
     seeded = ff.seed(session_factory, keyring, now, TOTAL, capped_patients=CAPPED)
@@ -106,7 +105,7 @@ def test_postgres_restarted_mid_dispatch_never_texts_twice_nor_loses_a_row(
         "by_status": v.by_status,
         "elapsed_s": round(elapsed, 1),
     }
-    line = ff.report(request, capsys, "postgres-restart", figures)
+    line = ff.report(request, "postgres-restart", figures)
     assert len(alive) == 4 and set(codes.values()) == {0}, (codes, line)
     assert not v.problems(), line
     assert all(0 < s < 1 for s in at_share), line  # both restarts hit a dispatch under way

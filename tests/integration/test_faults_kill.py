@@ -117,7 +117,6 @@ def test_sigkill_at_twenty_points_never_texts_twice_nor_loses_a_row(
     pool_factory: Callable[..., ff.WorkerPool],
     now: datetime,
     request: pytest.FixtureRequest,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     sandbox = sandbox_factory(faults=FAULTS, hang_seconds=1.0, delivered_delay_ms=0)
     seeded = ff.seed(session_factory, keyring, now, TOTAL, capped_patients=CAPPED)
@@ -159,6 +158,6 @@ def test_sigkill_at_twenty_points_never_texts_twice_nor_loses_a_row(
         "by_status": v.by_status,
         "elapsed_s": round(elapsed, 1),
     }
-    line = ff.report(request, capsys, "sigkill", figures)
+    line = ff.report(request, "sigkill", figures)
     assert not v.problems(), line
     assert len(killer.fired) == len(FAILPOINTS), line

@@ -53,7 +53,6 @@ def test_provider_errors_at_chosen_rates_never_text_twice_nor_lose_a_row(
     pool_factory: Callable[..., ff.WorkerPool],
     now: datetime,
     request: pytest.FixtureRequest,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     faults = FaultConfig(**RATES, seed=7)  # type: ignore[arg-type]
     sandbox = sandbox_factory(faults=faults, hang_seconds=1.0, delivered_delay_ms=0)
@@ -80,7 +79,7 @@ def test_provider_errors_at_chosen_rates_never_text_twice_nor_lose_a_row(
         **{name.removesuffix("_rate"): rate for name, rate in RATES.items()},
         "elapsed_s": round(elapsed, 1),
     }
-    line = ff.report(request, capsys, "provider", figures)
+    line = ff.report(request, "provider", figures)
     assert not v.problems(), line
     assert retried > 0, line  # the faults bit
 

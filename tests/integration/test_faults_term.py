@@ -91,7 +91,6 @@ def test_stopped_ticks_resume_exactly_where_they_stopped(
     pool_factory: Callable[..., ff.WorkerPool],
     now: datetime,
     request: pytest.FixtureRequest,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     sandbox = sandbox_factory(delivered_delay_ms=0)
     add_refills(session_factory, keyring, now, PATIENTS)
@@ -144,7 +143,7 @@ def test_stopped_ticks_resume_exactly_where_they_stopped(
         "by_status": dict(final),
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    line = ff.report(request, capsys, "sigterm", figures)
+    line = ff.report(request, "sigterm", figures)
     assert 0 < after_kill < after_term <= planned, line
     assert term_code == 0 and send_code == 0, line
     assert tick == {"inserted": planned - after_term, "already_present": after_term}, line
