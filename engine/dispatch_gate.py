@@ -131,12 +131,24 @@ class _Waiters:
     def answer(self, started: set[int] | GateUnavailable) -> None:
         """The ids marked started, or the error that kept the gate from marking any."""
         for future in self.threads:
+            if future.done():
+                continue
             if isinstance(started, GateUnavailable):
                 future.set_exception(started)
             else:
                 future.set_result(started)
         for loop, waiting in self.loops.items():
-            loop.call_soon_threadsafe(_resolve, waiting, started)
+            try:
+                loop.call_soon_threadsafe(_resolve, waiting, started)
+            except RuntimeError:  # the loop has closed: its senders are gone, none sent
+                log.warning("dispatch.gate_loop_closed", extra={"fields": {"rows": len(waiting)}})
+
+
+def _answer_all(batch: Sequence[tuple[list[Claimed], Any]], error: GateUnavailable) -> None:
+    waiters = _Waiters()
+    for _rows, waiter in batch:
+        waiters.add(waiter)
+    waiters.answer(error)
 
 
 def _resolve(futures: list[asyncio.Future[set[int]]], started: set[int] | GateUnavailable) -> None:
@@ -218,6 +230,7 @@ class SendGate:
 
     def _run(self) -> None:
         connection: Connection | None = None  # the gate's own, kept between groups
+        batch: list[tuple[list[Claimed], Any]] = []
         try:
             while True:
                 with self._wake:
@@ -230,7 +243,18 @@ class SendGate:
                         batch.append(self._pending.pop(0))
                         size += len(batch[-1][0])
                 connection = self._flush(batch, connection)
+                batch = []
+        except BaseException:
+            log.critical("dispatch.gate_thread_failed", exc_info=True)
+            raise
         finally:
+            # Whatever ended the thread, no sender is left waiting: what it held and what
+            # is still queued are answered "unavailable" (nothing marked, nothing sent),
+            # and the next ask starts a new thread.
+            with self._wake:
+                orphans, self._pending = batch + self._pending, []
+                self._thread = None
+            _answer_all(orphans, GateUnavailable("send gate: its thread ended"))
             if connection is not None:
                 connection.close()
 

@@ -286,3 +286,51 @@ def test_under_a_rate_limit_rows_pass_the_gate_a_horizon_at_a_time(
     [gate] = gates
     if is_async(ob.transport):  # a thread pool's senders each ask for their own row
         assert gate.statements <= 4
+
+
+def test_a_sender_whose_loop_closed_does_not_end_the_gate_for_the_others(
+    ob: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async sender gives up (its loop closes) while its group is being marked: the
+    answer cannot reach it, and the gate still answers every later sender, thread or
+    coroutine, instead of leaving them waiting forever."""
+    import asyncio
+
+    from engine import dispatch_gate
+
+    first, second = ob.rows([phone(60), phone(61)])
+    _claim(ob, first)
+    _claim(ob, second)
+    marking, release = threading.Event(), threading.Event()
+    real_start_sends = dispatch_gate.start_sends
+
+    def held_start_sends(**kwargs: Any) -> set[int]:
+        if not release.is_set():
+            marking.set()
+            release.wait(10)
+        return real_start_sends(**kwargs)
+
+    monkeypatch.setattr(dispatch_gate, "start_sends", held_start_sends)
+    gate = SendGate(ob.sf, "w1", lambda: ob.now)
+    row = ob.get(first)
+    claimed = Claimed(first, row.patient_id, phone(60), "text", 0, ob.now)
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(gate.admit_group_async([claimed]), timeout=0.2)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(give_up())
+    loop.close()
+    assert marking.wait(5)
+    release.set()
+
+    later = Claimed(second, ob.get(second).patient_id, phone(61), "text", 0, ob.now)
+    answers: list[bool] = []
+    asker = threading.Thread(target=lambda: answers.append(gate.admit(later)), daemon=True)
+    asker.start()
+    asker.join(10)
+    gate.close()
+    assert answers == [True]
+    assert ob.get(second).send_started_at is not None
+    assert ob.get(first).send_started_at is not None  # marked: its sender is gone, not sent
