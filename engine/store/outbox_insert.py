@@ -23,7 +23,7 @@ from functools import cache
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import JSON, Dialect
+from sqlalchemy import JSON, Dialect, LargeBinary
 from sqlalchemy.orm import Session
 
 from engine.store import models as m
@@ -102,6 +102,8 @@ def _converters(dialect: Dialect) -> Converters:
     processed = []
     for i, name in enumerate(COLUMNS):
         kind = TABLE.c[name].type
+        if dialect.name == "sqlite" and isinstance(kind, LargeBinary):
+            continue  # sqlite3 stores bytes as the same BLOB its Binary wrapper would give
         processor = kind._cached_bind_processor(dialect)
         if processor is not None:
             processed.append((i, processor, isinstance(kind, m.UTCDateTime | JSON)))
