@@ -206,7 +206,9 @@ def _built(job: _Job, tasks: list[Sequence[int]], workers: int) -> Iterator[Buil
         for task in tasks:
             yield build(job.pop, task, job.context, job.now)
         return
-    context = multiprocessing.get_context("fork")  # workers inherit the imported modules
+    # Spawned, never forked: a fork copies the locks other threads hold at that moment
+    # (a test runner's, a transport's), and a child can wait on one of them forever.
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init, initargs=(job,)) as pool:
         yield from pool.imap(_build_task, tasks)
 
