@@ -77,13 +77,18 @@ def test_the_worker_plans_and_sends_on_its_own_engines(  # type: ignore[no-untyp
 
     run = _engage(engage, sandbox)
     rt = Runtime(Settings.from_env(run.env))
-    claims = db.make_session_factory(db.make_engine(db_url, sqlite_immediate=True))
+    claims_engine = db.make_engine(db_url, sqlite_immediate=True)
+    transport = make_transport(rt.settings)
     worker = Worker(
         config=WorkerConfig(worker_id="w1", rate_per_second=0),
-        settings=rt.settings, session_factory=claims, keyring=rt.keyring,
-        transport=make_transport(rt.settings), clock=lambda: datetime.fromisoformat(AT),
+        settings=rt.settings, session_factory=db.make_session_factory(claims_engine),
+        keyring=rt.keyring, transport=transport, clock=lambda: datetime.fromisoformat(AT),
         plan_session_factory=rt.session_factory,
     )  # fmt: skip
-    worker.plan_tick()
-    worker.dispatch_tick()
+    try:
+        worker.plan_tick()
+        worker.dispatch_tick()
+    finally:
+        transport.close()  # type: ignore[attr-defined]
+        claims_engine.dispose()
     assert len(sandbox.messages()) == len(ALLOWED)

@@ -352,8 +352,11 @@ def test_registry_builds_each_transport_by_name(sandbox_factory, tmp_path: Path)
     sandbox_transport = make_transport(
         base.with_(transport="sandbox", twilio_api_base_url=default_credentials.url)
     )
-    assert sandbox_transport.name == "sandbox"
-    sandbox_transport.send(msg())
+    try:
+        assert sandbox_transport.name == "sandbox"
+        sandbox_transport.send(msg())
+    finally:
+        sandbox_transport.close()  # type: ignore[attr-defined]
     assert len(default_credentials.messages()) == 1
     with pytest.raises(TransportConfigError):
         make_transport(base.with_(transport="twilio"))
