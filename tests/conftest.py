@@ -10,6 +10,11 @@ FIGURES = "figures_line"
 _lines: list[str] = []
 
 
+def add_figures(request: pytest.FixtureRequest, line: str) -> None:
+    """Print `line` in the run's "figures" summary, whichever process runs the test."""
+    request.node.user_properties.append((FIGURES, line))
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call":
         _lines.extend(str(value) for key, value in report.user_properties if key == FIGURES)

@@ -40,7 +40,7 @@ from engine import outbox_status as st
 from engine.crypto import Keyring
 from engine.settings import Settings
 from engine.store import models as m
-from tests.conftest import FIGURES
+from tests.conftest import add_figures
 from tests.integration import outbox_builders as b
 from tests.integration.conftest import SandboxHandle
 
@@ -339,7 +339,7 @@ def report(request: pytest.FixtureRequest, name: str, figures: dict[str, Any]) -
     line = f"[faults] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items())
     for key, value in figures.items():
         request.node.user_properties.append((key, value))
-    request.node.user_properties.append((FIGURES, line))
+    add_figures(request, line)
     return line
 
 

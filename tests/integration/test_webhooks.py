@@ -21,7 +21,7 @@ from engine.store import consent_queries
 from engine.store import models as m
 from engine.store.defqueries import active_definitions
 from engine.web import create_app
-from tests.conftest import FIGURES
+from tests.conftest import add_figures
 from tests.integration.conftest import Engage
 from tests.integration.test_cli import AT, SAMPLE
 
@@ -236,7 +236,7 @@ def test_webhook_latency(twilio: Twilio, request: pytest.FixtureRequest) -> None
         twilio.text("what time is my appointment?", sid=f"SMlat{i}")
     median = sorted(twilio.timings)[len(twilio.timings) // 2]
     line = f"[webhooks] inbound webhook median {median * 1000:.1f} ms over {len(twilio.timings)}"
-    request.node.user_properties.append((FIGURES, line))
+    add_figures(request, line)
     assert median < 1.0
 
 
