@@ -37,6 +37,7 @@ from bench.dryrun import Figures, databases, prepare
 from bench.sandbox import raw_async_loop, raw_sender, start_server
 from engine.crypto import load_keys
 from engine.dispatcher import DispatchReport, dispatch_until_idle
+from engine.gc_tuning import freeze_startup_heap
 from engine.outbox_status import SENT
 from engine.planner import plan
 from engine.sandbox.client import SandboxClient
@@ -48,7 +49,6 @@ from engine.store.defqueries import active_definitions
 from engine.transports.base import Transport
 from engine.transports.twilio import TwilioTransport
 from engine.transports.twilio_async import AsyncTwilioTransport
-from engine.worker import freeze_startup_heap
 
 AT = datetime.fromisoformat("2026-12-02T00:00:00+00:00")
 BATCH = 500

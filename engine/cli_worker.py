@@ -29,7 +29,8 @@ def _build(rt: Runtime) -> tuple[Any, Transport]:
 
 
 def _worker(rt: Runtime, clock: Callable[[], datetime], **options: Any) -> Any:
-    from engine.worker import Worker, WorkerConfig, default_worker_id, freeze_startup_heap
+    from engine.gc_tuning import freeze_startup_heap
+    from engine.worker import Worker, WorkerConfig, default_worker_id
 
     lower_priority(rt.settings.worker_nice)
     session_factory, transport = _build(rt)

@@ -25,6 +25,7 @@ from engine.core.domain import Campaign, ConsentState, History, SentMessage
 from engine.crypto import Keyring, PatientCipher
 from engine.definitions import DefinitionSet
 from engine.dryrun import Candidate, DryRunSummary, anchors_of, in_audience
+from engine.gc_tuning import bulk_collector
 from engine.outbox_status import QUEUED
 from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row, sealed_fields
 from engine.store import consent_queries, outbox_insert, outbox_queries, queries
@@ -234,7 +235,7 @@ def _active_campaigns(
 def plan_patients(tick: Tick, batch_size: int, where: Any = None) -> None:
     """Plan the patients matching `where` (a criterion on models.Patient; None: all)."""
     sealed = sealed_fields(tick.rows.defs, tick.campaigns)
-    with tick.session_factory() as reader:
+    with bulk_collector(), tick.session_factory() as reader:
         stream = _candidates(reader, tick.keyring, batch_size, where, sealed)
         while True:
             if tick.stop.is_set():

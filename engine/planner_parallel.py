@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine.crypto import Keyring
 from engine.definitions import load_sources
+from engine.gc_tuning import freeze_startup_heap
 from engine.planner import NEVER, CampaignPlan, PlanReport, StopSignal, Tick, plan_patients
 from engine.planner_rows import RowContext
 from engine.store import db
@@ -201,6 +202,7 @@ def plan_range(spec: RangeTick) -> PlanReport:
             report=report,
             stop=_stop,
         )
+        freeze_startup_heap()  # the definitions and the engine: this process's whole life
         plan_patients(tick, spec.batch_size, where=_criterion(spec.ids))
     finally:
         engine.dispose()

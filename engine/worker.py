@@ -15,7 +15,6 @@ a message text.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -67,16 +66,6 @@ def utcnow() -> datetime:
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"[-64:]
-
-
-def freeze_startup_heap() -> None:
-    """Take what starting the process created (modules, the ORM's metadata, the SDKs) out
-    of the garbage collector's full passes, which otherwise walk all of it each time: in
-    a dispatcher about 0.1 s of CPU per pass, several passes per 5,000 messages. Called
-    once the process is built; what lives from startup on is not garbage later (frozen
-    objects are never freed by the collector, only by their reference counts)."""
-    gc.collect()
-    gc.freeze()
 
 
 # --- logging -------------------------------------------------------------------------------
