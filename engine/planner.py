@@ -30,6 +30,7 @@ from engine.outbox_status import QUEUED
 from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row, sealed_fields
 from engine.store import consent_queries, outbox_insert, outbox_queries, queries
 from engine.store.defqueries import approved_versions
+from engine.store.queries import IdRange
 
 DEFAULT_HORIZON = timedelta(minutes=5)
 
@@ -232,11 +233,11 @@ def _active_campaigns(
     return tuple(active)
 
 
-def plan_patients(tick: Tick, batch_size: int, where: Any = None) -> None:
-    """Plan the patients matching `where` (a criterion on models.Patient; None: all)."""
+def plan_patients(tick: Tick, batch_size: int, ids: IdRange = (None, None)) -> None:
+    """Plan the patients whose row ids are in `ids`, [low, high) (None: unbounded)."""
     sealed = sealed_fields(tick.rows.defs, tick.campaigns)
     with bulk_collector(), tick.session_factory() as reader:
-        stream = _candidates(reader, tick.keyring, batch_size, where, sealed)
+        stream = _candidates(reader, tick.keyring, batch_size, ids, sealed)
         while True:
             if tick.stop.is_set():
                 tick.report.stopped = True
@@ -249,13 +250,13 @@ def plan_patients(tick: Tick, batch_size: int, where: Any = None) -> None:
 
 
 def _candidates(
-    session: Session, keyring: Keyring, batch_size: int, where: Any, sealed: frozenset[str]
+    session: Session, keyring: Keyring, batch_size: int, ids: IdRange, sealed: frozenset[str]
 ) -> Iterator[Candidate]:
     patients = queries.iter_patients(
         session=session,
         keyring=keyring,
         batch_size=batch_size,
-        where=where,
+        ids=ids,
         sealed=sealed,
         release=True,
     )

@@ -20,7 +20,6 @@ from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,12 +31,10 @@ from engine.planner import NEVER, CampaignPlan, PlanReport, StopSignal, Tick, pl
 from engine.planner_rows import RowContext
 from engine.store import db
 from engine.store import models as m
+from engine.store.queries import IdRange
 
 # Below this many patients per process, starting processes costs more than it saves.
 MIN_PATIENTS_PER_PROCESS = 25_000
-
-IdRange = tuple[int | None, int | None]
-"""[low, high) patient row ids; None: unbounded on that side."""
 
 
 def id_ranges(
@@ -203,20 +200,8 @@ def plan_range(spec: RangeTick) -> PlanReport:
             stop=_stop,
         )
         freeze_startup_heap()  # the definitions and the engine: this process's whole life
-        plan_patients(tick, spec.batch_size, where=_criterion(spec.ids))
+        plan_patients(tick, spec.batch_size, ids=spec.ids)
     finally:
         engine.dispose()
     exit_if_orphaned()
     return report
-
-
-def _criterion(ids: IdRange) -> Any:
-    low, high = ids
-    p = m.Patient
-    if low is None and high is None:
-        return None
-    if low is None:
-        return p.id < high
-    if high is None:
-        return p.id >= low
-    return p.id.between(low, high - 1)

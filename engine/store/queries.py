@@ -35,6 +35,9 @@ __all__ += ["UnknownPatient"]  # and the query functions below
 CHUNK = 500
 T = TypeVar("T")
 
+IdRange = tuple[int | None, int | None]
+"""[low, high) patient row ids; None: unbounded on that side."""
+
 
 def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
@@ -218,6 +221,7 @@ def iter_patients(
     keyring: Keyring,
     batch_size: int = 1000,
     where: Any = None,
+    ids: IdRange = (None, None),
     sealed: Collection[str] = codec.SEALED_FIELDS,
     release: bool = False,
 ) -> Iterator[PatientData]:
@@ -225,9 +229,10 @@ def iter_patients(
 
     Patients come `batch_size` at a time, in id order, one keyset query per batch (the
     next ids after the last one), with their clinical records one query per batch: memory
-    stays flat for any population. `where` is an optional SQLAlchemy criterion on
-    models.Patient. Only the sealed fields in `sealed` are decrypted (codec.open_patient);
-    the others are left empty.
+    stays flat for any population. `ids` bounds the row ids, [low, high); `where` is an
+    optional SQLAlchemy criterion on models.Patient (bound ids with `ids`, which the
+    keyset below takes into account). Only the sealed fields in `sealed` are decrypted
+    (codec.open_patient); the others are left empty.
 
     With `release`, the session's transaction ends after each batch is read (the session
     must hold no writes): a long stream then holds no snapshot. A read transaction held
@@ -244,8 +249,14 @@ def iter_patients(
     stmt = select(*columns).where(table.c.erased_at.is_(None)).order_by(table.c.id)
     if where is not None:
         stmt = stmt.where(where)
+    low, high = ids
+    if high is not None:
+        stmt = stmt.where(table.c.id < high)
     stmt = stmt.limit(batch_size)
-    last: int | None = None
+    # One lower bound per page, the keyset's: given `id >= low AND id > last`, SQLite
+    # starts its range scan at `low` and filters every row up to `last` (a page at the end
+    # of a million-patient range took 50 ms instead of 0.3, a sixth of a tick).
+    last: int | None = None if low is None else low - 1
     while True:
         page = stmt if last is None else stmt.where(table.c.id > last)
         rows = records(session, page)

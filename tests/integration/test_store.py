@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, select, text, update
+from sqlalchemy import Engine, event, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -189,6 +190,45 @@ def test_iter_patients_streams_batches_with_their_records(
     assert [d.prescriptions[0].medication for d in streamed] == [f"Drug {i}" for i in range(7)]
     assert streamed[3].appointments == (Appointment("A3", T0, "visit", provider="Dr. Osei"),)
     assert all(not d.appointments for d in streamed if d.patient.external_id != "P3")
+
+
+@pytest.mark.parametrize("low", [None, 1, 3, 4])
+@pytest.mark.parametrize("high", [None, 4, 9, 99])
+def test_iter_patients_streams_an_id_range_with_one_lower_bound_per_page(
+    session_factory: sessionmaker[Session], keyring: Keyring, low: int | None, high: int | None
+) -> None:
+    """A range process streams [low, high). Each page's statement has a single lower bound
+    on the id (the keyset's), since SQLite given two starts its scan at the lower one."""
+    with session_factory() as session:
+        add_patients(session, keyring, *(make_record(f"P{i}") for i in range(9)))
+        session.commit()
+        row_ids = dict(session.execute(select(m.Patient.external_id, m.Patient.id)).tuples().all())
+    wanted = [
+        name
+        for name, row_id in sorted(row_ids.items(), key=lambda item: item[1])
+        if (low is None or row_id >= low) and (high is None or row_id < high)
+    ]
+    statements: list[str] = []
+    engine = session_factory.kw["bind"]
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM patients" in statement and "LIMIT" in statement:
+            statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with session_factory() as session:
+            stream = queries.iter_patients(
+                session=session, keyring=keyring, batch_size=2, ids=(low, high)
+            )
+            streamed = [d.patient.external_id for d in stream]
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert streamed == wanted
+    assert statements
+    for statement in statements:
+        assert statement.count("patients.id >") <= 1, statement
+        assert "BETWEEN" not in statement, statement
 
 
 def test_iter_patients_can_release_its_snapshot_between_batches(
