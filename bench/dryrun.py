@@ -35,6 +35,7 @@ from bench.seed import cache_key, restore, seed, store
 from engine.crypto import Keyring, ensure_key_files, load_keys
 from engine.definitions import DefinitionSet, load_definitions
 from engine.dryrun import Candidate, DryRunSummary, dry_run
+from engine.gc_tuning import bulk_collector
 from engine.importer import import_files
 from engine.settings import Settings
 from engine.store import consent_queries, db, queries
@@ -207,19 +208,20 @@ def _dry_run(defs, session, keyring, campaign_id, at, approved, figures: Figures
         )
 
     started = time.perf_counter()
-    decided = sum(
-        1
-        for _ in dry_run(
-            defs,
-            campaign=defs.campaigns[campaign_id],
-            candidates=candidates,
-            consents_for=consents,
-            at=at,
-            approved_versions=approved,
-            public_url="https://rh.example",
-            summary=summary,
+    with bulk_collector():  # as `engage dry-run` does
+        decided = sum(
+            1
+            for _ in dry_run(
+                defs,
+                campaign=defs.campaigns[campaign_id],
+                candidates=candidates,
+                consents_for=consents,
+                at=at,
+                approved_versions=approved,
+                public_url="https://rh.example",
+                summary=summary,
+            )
         )
-    )
     elapsed = time.perf_counter() - started
     outcomes = ", ".join(f"{k} {summary.outcomes[k]:,}" for k in ("allow", "defer", "deny"))
     figures.add(

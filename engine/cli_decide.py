@@ -23,6 +23,7 @@ from engine.dryrun import (
     preview_link,
 )
 from engine.evaluate import Evaluation, evaluate_occurrence
+from engine.gc_tuning import bulk_collector
 from engine.runtime import Runtime, UsageProblem, utcnow
 from engine.store import consent_queries, queries
 from engine.store import models as m
@@ -97,7 +98,7 @@ def dry_run_command(
 ) -> None:
     """Decide every occurrence the planner would handle at a time; send and write nothing."""
     at = parse_at(at_text)
-    with rt.session_factory() as session:
+    with bulk_collector(), rt.session_factory() as session:
         defs = rt.definitions(session)
         campaign = campaign_or_exit(defs, campaign_id)
         summary = DryRunSummary()

@@ -88,9 +88,12 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
     def load(self) -> Flask:
         """Called in each worker after the fork (no preload): database engines and their
         pools must never be shared between processes."""
+        from engine.gc_tuning import freeze_startup_heap
         from engine.web import create_app
 
-        return create_app(self.settings)
+        app = create_app(self.settings)
+        freeze_startup_heap()
+        return app
 
 
 def check_ready(rt: Runtime) -> None:
