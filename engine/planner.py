@@ -9,6 +9,7 @@ that starts with its INSERT (on SQLite, no read-then-write lock upgrade) and com
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Mapping
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, Protocol
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine import audit
@@ -33,6 +35,10 @@ from engine.store.defqueries import approved_versions
 from engine.store.queries import IdRange
 
 DEFAULT_HORIZON = timedelta(minutes=5)
+# A tick that inserted at least this many rows has PostgreSQL's statistics refreshed.
+ANALYZE_AFTER_ROWS = 10_000
+
+log = logging.getLogger("engine.planner")
 
 
 @dataclass
@@ -165,7 +171,8 @@ def plan(
     With `processes` > 1 and a large enough population, patients are split into that
     many id ranges planned by as many processes (engine.planner_parallel). Once `stop` is
     set the tick ends after the batch in hand (each batch commits on its own; the next
-    tick plans the rest), and its report says `stopped`."""
+    tick plans the rest), and its report says `stopped`. A tick that inserted
+    ANALYZE_AFTER_ROWS rows or more refreshes PostgreSQL's statistics of the outbox."""
     started = time.perf_counter()
     report = PlanReport(now=now, horizon=horizon)
     with session_factory.begin() as session:
@@ -192,6 +199,8 @@ def plan(
             planner_parallel.plan_ranges(tick, ranges, batch_size)
         else:
             plan_patients(tick, batch_size)
+    if report.inserted >= ANALYZE_AFTER_ROWS:
+        _refresh_statistics(session_factory)
     report.duration = time.perf_counter() - started
     if report.inserted or report.expired:
         with session_factory.begin() as session:
@@ -199,6 +208,16 @@ def plan(
                 session=session, actor=actor, action="plan_tick", now=now, details=_summary(report)
             )
     return report
+
+
+def _refresh_statistics(session_factory: sessionmaker[Session]) -> None:
+    """After a large tick (outbox_queries.refresh_statistics); a failure is logged and
+    costs nothing but the statistics (autovacuum still gets there)."""
+    try:
+        with session_factory.begin() as session:
+            outbox_queries.refresh_statistics(session=session)
+    except DBAPIError as exc:
+        log.warning("planner.analyze_failed", extra={"fields": {"error": type(exc.orig).__name__}})
 
 
 def _summary(report: PlanReport) -> dict[str, Any]:

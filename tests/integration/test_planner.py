@@ -11,10 +11,11 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine import outbox_status as st
+from engine import planner as planner_module
 from engine import planner_parallel
 from engine.core.domain import Appointment, ConsentEvent, Patient, Prescription
 from engine.crypto import Keyring, token_hash
@@ -426,6 +427,53 @@ def test_paused_campaigns_are_not_planned(
         "statin-refill": "paused",
         "appointment-reminder": "paused in its definition",
     }
+
+
+def _outbox_estimate(planner: Planner) -> float | None:
+    """PostgreSQL's planner estimate of the outbox's rows (ANALYZE sets it)."""
+    with planner.session_factory() as session:
+        if session.get_bind().dialect.name != "postgresql":
+            return None
+        return session.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'outbox'"))
+
+
+@pytest.mark.parametrize("threshold", [1, 10_000])
+def test_a_large_tick_refreshes_the_outbox_statistics(
+    planner: Planner, sample: DefinitionSet, monkeypatch: pytest.MonkeyPatch, threshold: int
+) -> None:
+    """On PostgreSQL a tick that inserted at least ANALYZE_AFTER_ROWS rows analyzes the
+    outbox at once (here 11 rows: the estimate then counts them exactly); SQLite has
+    nothing to refresh."""
+    monkeypatch.setattr(planner_module, "ANALYZE_AFTER_ROWS", threshold)
+    before = _outbox_estimate(planner)
+    report = planner(sample)
+    after = _outbox_estimate(planner)
+    assert report.inserted == planner.count() == 11
+    if before is None:
+        assert after is None
+    elif threshold <= report.inserted:
+        assert after == 11
+    else:
+        assert after == before != 11
+
+
+def test_a_failed_analyze_costs_only_the_statistics(
+    planner: Planner,
+    sample: DefinitionSet,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refused(*, session: Session) -> bool:
+        session.execute(text("SELECT * FROM no_such_table_to_analyze"))
+        return True
+
+    monkeypatch.setattr(planner_module, "ANALYZE_AFTER_ROWS", 1)
+    monkeypatch.setattr(outbox_queries, "refresh_statistics", refused)
+    report = planner(sample)
+    assert report.inserted == planner.count() == 11
+    assert [r.message for r in caplog.records] == ["planner.analyze_failed"]
+    with planner.session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(m.AuditEntry)) >= 1
 
 
 def test_bodies_are_sealed_at_rest(planner: Planner, sample: DefinitionSet, db_url: str) -> None:
