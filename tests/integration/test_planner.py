@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -474,6 +475,28 @@ def test_a_failed_analyze_costs_only_the_statistics(
     assert [r.message for r in caplog.records] == ["planner.analyze_failed"]
     with planner.session_factory() as session:
         assert session.scalar(select(func.count()).select_from(m.AuditEntry)) >= 1
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)  # SQLite: no ANALYZE
+def test_an_analyze_that_cannot_get_its_lock_gives_up_and_the_tick_stands(
+    planner: Planner,
+    sample: DefinitionSet,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A VACUUM in progress (here: its lock, held by another connection) makes ANALYZE
+    wait; the tick waits at most the lock timeout, then logs and returns its report."""
+    with planner.session_factory() as holder:
+        holder.execute(text("LOCK TABLE outbox IN SHARE UPDATE EXCLUSIVE MODE"))
+        monkeypatch.setattr(planner_module, "ANALYZE_AFTER_ROWS", 1)
+        started = time.monotonic()
+        report = planner(sample)
+        waited = time.monotonic() - started
+        holder.rollback()
+    assert report.inserted == planner.count() == 11
+    assert waited < 10
+    assert [r.message for r in caplog.records] == ["planner.analyze_failed"]
+    assert caplog.records[0].fields == {"error": "LockNotAvailable"}
 
 
 def test_bodies_are_sealed_at_rest(planner: Planner, sample: DefinitionSet, db_url: str) -> None:
