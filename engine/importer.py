@@ -163,7 +163,19 @@ def import_files(
     consents: dict[str, dict[str, int]] = {}
     with bulk_collector():
         for source in sources:
-            _import_source(source, session_factory, context, report, consents, progress, batch_size)
+            file_report = FileReport(file=str(source.path), kind=source.kind)
+            report.files.append(file_report)
+            if source.error:
+                file_report.error = source.error
+                continue
+            rejections: list[Rejection] = []
+            with session_factory() as session:
+                context = replace(context, source=f"import:{source.path.name}")
+                run = _FileImport(source, session, context, file_report, rejections)
+                run.run(show_progress=progress, batch_size=batch_size)
+            if run.consents:
+                consents[source.path.name] = dict(sorted(run.consents.items()))
+            report.rejections += sorted(rejections, key=lambda r: _position(r.row))
     if any(c.get("imported") or c.get("updated") for c in consents.values()):
         with session_factory.begin() as session:
             audit.record(
@@ -174,30 +186,6 @@ def import_files(
                 now=now or datetime.now(UTC),
             )
     return report
-
-
-def _import_source(
-    source: _Source,
-    session_factory: sessionmaker[Session],
-    context: Context,
-    report: ImportReport,
-    consents: dict[str, dict[str, int]],
-    progress: bool,
-    batch_size: int,
-) -> None:
-    file_report = FileReport(file=str(source.path), kind=source.kind)
-    report.files.append(file_report)
-    if source.error:
-        file_report.error = source.error
-        return
-    rejections: list[Rejection] = []
-    with session_factory() as session:
-        context = replace(context, source=f"import:{source.path.name}")
-        run = _FileImport(source, session, context, file_report, rejections)
-        run.run(show_progress=progress, batch_size=batch_size)
-    if run.consents:
-        consents[source.path.name] = dict(sorted(run.consents.items()))
-    report.rejections += sorted(rejections, key=lambda r: _position(r.row))
 
 
 def _position(label: Label) -> int:

@@ -148,6 +148,9 @@ def insert_scheduling_links(*, session: Session, links: Sequence[Mapping[str, An
         session.execute(m.SchedulingLink.__table__.insert(), list(links))
 
 
+ANALYZE_LOCK_TIMEOUT = "2s"
+
+
 def refresh_statistics(*, session: Session) -> bool:
     """PostgreSQL: ANALYZE the outbox and the scheduling links (a sample of 30,000 rows
     each), so that claims and webhook lookups are planned for the rows a large tick just
@@ -163,9 +166,6 @@ def refresh_statistics(*, session: Session) -> bool:
     session.execute(text(f"SET LOCAL lock_timeout = '{ANALYZE_LOCK_TIMEOUT}'"))
     session.execute(text(f"ANALYZE {m.Outbox.__tablename__}, {m.SchedulingLink.__tablename__}"))
     return True
-
-
-ANALYZE_LOCK_TIMEOUT = "2s"
 
 
 def expire_overdue(*, session: Session, now: datetime) -> int:
