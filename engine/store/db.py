@@ -29,6 +29,12 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_CACHE_KIB = 65_536  # per connection; the default 2 MiB thrashes on large outboxes
+# WAL pages (4 KiB) between automatic checkpoints, against SQLite's 1,000. A planner batch
+# dirties about a thousand pages of the outbox's idempotency-key index (random keys), so
+# at the default nearly every commit copied its pages back into the database file and
+# synced it; at 10,000 a page written by several commits is copied once. A 1M-patient
+# tick took 6-10% less time. The WAL grows to about 40 MiB between checkpoints.
+SQLITE_WAL_AUTOCHECKPOINT_PAGES = 10_000
 _MIGRATION_LOCK = zlib.crc32(b"engage-migrations")
 # Without a ping, a pooled connection is replaced after this long whatever its socket says
 # (a firewall or NAT that forgets an idle connection without closing it).
@@ -77,6 +83,7 @@ def make_engine(
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+        cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_AUTOCHECKPOINT_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine.core.consent import current_consents
 from engine.core.domain import Appointment, ConsentEvent, Patient, Prescription
 from engine.crypto import Keyring
-from engine.store import consent_queries, queries
+from engine.store import consent_queries, db, queries
 from engine.store import models as m
 from engine.store.db import current_revision, head_revision, make_engine, upgrade
 from engine.store.queries import PatientRecord, SlotRecord
@@ -69,6 +69,23 @@ def test_migrations_create_the_model_schema(db_url: str) -> None:
             assert compare_metadata(context, m.Base.metadata) == []
         tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
         assert tables == set(m.Base.metadata.tables)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_connections_get_the_write_path_settings(tmp_path) -> None:
+    """WAL, foreign keys, the busy wait, a 64 MiB cache, and checkpoints every 10,000
+    pages rather than SQLite's 1,000 (engine.store.db): on every connection of the pool."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'settings.db'}")
+    try:
+        with engine.connect() as first, engine.connect() as second:
+            for connection in (first, second):
+                read = connection.exec_driver_sql
+                assert read("PRAGMA journal_mode").scalar() == "wal"
+                assert read("PRAGMA foreign_keys").scalar() == 1
+                assert read("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+                assert read("PRAGMA cache_size").scalar() == -db.SQLITE_CACHE_KIB
+                assert read("PRAGMA wal_autocheckpoint").scalar() == 10_000
     finally:
         engine.dispose()
 
