@@ -37,6 +37,12 @@ from engine.store.queries import IdRange
 DEFAULT_HORIZON = timedelta(minutes=5)
 # A tick that inserted at least this many rows has PostgreSQL's statistics refreshed.
 ANALYZE_AFTER_ROWS = 10_000
+# Rows decided before they are written, on SQLite. Its commit copies every page the
+# transaction dirtied into the WAL, and rows with random idempotency keys dirty about a
+# page of that index each: writing four batches' rows at once, one commit instead of
+# four, made a 1M-patient tick about 6% faster. (PostgreSQL writes each batch: its COPY
+# and commit cost the same per row either way.)
+SQLITE_WRITE_ROWS = 4000
 
 log = logging.getLogger("engine.planner")
 
@@ -253,19 +259,36 @@ def _active_campaigns(
 
 
 def plan_patients(tick: Tick, batch_size: int, ids: IdRange = (None, None)) -> None:
-    """Plan the patients whose row ids are in `ids`, [low, high) (None: unbounded)."""
+    """Plan the patients whose row ids are in `ids`, [low, high) (None: unbounded).
+
+    Each batch of patients is decided on its own reads; the rows decided are written once
+    there are write_after_rows of them, and before returning (stopped or not)."""
     sealed = sealed_fields(tick.rows.defs, tick.campaigns)
+    write_after = write_after_rows(tick.session_factory, batch_size)
+    decided: list[PlannedRow] = []
     with bulk_collector(), tick.session_factory() as reader:
         stream = _candidates(reader, tick.keyring, batch_size, ids, sealed)
         while True:
             if tick.stop.is_set():
                 tick.report.stopped = True
-                return
+                break
             batch = list(islice(stream, batch_size))
             if not batch:
-                return
+                break
             tick.report.patients_seen += len(batch)
-            _plan_batch(tick, batch)
+            decided += _plan_batch(tick, batch)
+            if len(decided) >= write_after:
+                _write(tick, decided)
+                decided = []
+        _write(tick, decided)
+
+
+def write_after_rows(session_factory: sessionmaker[Session], batch_size: int) -> int:
+    """How many decided rows a planner holds before writing them in one transaction: a
+    batch's on PostgreSQL, SQLITE_WRITE_ROWS on SQLite (at least a batch's)."""
+    if session_factory.kw["bind"].dialect.name == "sqlite":
+        return max(batch_size, SQLITE_WRITE_ROWS)
+    return batch_size
 
 
 def _candidates(
@@ -283,10 +306,11 @@ def _candidates(
         yield Candidate(data.id, data.patient, data.prescriptions, data.appointments, data.cipher)
 
 
-def _plan_batch(tick: Tick, batch: list[Candidate]) -> None:
+def _plan_batch(tick: Tick, batch: list[Candidate]) -> list[PlannedRow]:
+    """The batch's rows not yet in the outbox, decided."""
     pending = list(_due(tick, batch))
     if not pending:
-        return
+        return []
     with tick.session_factory() as session:
         present = outbox_queries.existing_keys(
             session=session, keys=(p.occurrence.idempotency_key for p in pending)
@@ -296,10 +320,16 @@ def _plan_batch(tick: Tick, batch: list[Candidate]) -> None:
             if p.occurrence.idempotency_key in present:
                 tick.report.campaigns[p.campaign.id].already_present += 1
         if not fresh:
-            return
+            return []
         streamed = {c.row_id: c.cipher for c in batch if c.cipher is not None}
         facts = _read_facts(tick, session, sorted({p.patient_row for p in fresh}), streamed)
-    rows = _decide(tick, fresh, facts)
+    return _decide(tick, fresh, facts)
+
+
+def _write(tick: Tick, rows: list[PlannedRow]) -> None:
+    """Insert the rows and their links in one transaction, and count them."""
+    if not rows:
+        return
     with tick.session_factory.begin() as session:
         ids = outbox_insert.insert_outbox_rows(session=session, rows=[r.values for r in rows])
         links = [{**r.link, "outbox_id": ids[r.key]} for r in rows if r.link and r.key in ids]

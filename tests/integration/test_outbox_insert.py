@@ -27,7 +27,7 @@ def planned(pid: int, n: int, reasons: list[Any]) -> dict[str, Any]:
         "occurrence": f"o{n}", "outcome": "allow" if n % 2 else "deny",
         "status": "queued" if n % 2 else "blocked", "due_at": due,
         "send_at": due.astimezone(timezone(timedelta(hours=-5))) if n % 2 else None,
-        "expires_at": due + timedelta(hours=10), "body_enc": bytes([n]) * 40,
+        "expires_at": due + timedelta(hours=10), "body_enc": bytes([n % 256]) * 40,
         "segments": 1, "encoding": "GSM-7", "reasons": reasons, "policy_set": "p1",
         "decided_at": NOW,
     }  # fmt: skip
@@ -69,3 +69,37 @@ def test_bulk_rows_read_back_as_rows_the_orm_inserted(
         again = outbox_insert.insert_outbox_rows(session=session, rows=bulk[:3])
         session.commit()
         assert again == {} and len(stored(session, "bulk-")) == 7
+
+
+def test_a_batch_larger_than_one_statement_stores_every_row_once(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """2,517 rows: on SQLite three full statements and the rest by powers of two, on
+    PostgreSQL one COPY; either way every row once, with its id, and a second insert of
+    some of them (plus new ones) adds only the new."""
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+        rows = [{**planned(pid, n, []), "idempotency_key": f"big-{n:05d}"} for n in range(2517)]
+        ids = outbox_insert.insert_outbox_rows(session=session, rows=rows)
+        session.commit()
+        assert sorted(ids) == sorted(r["idempotency_key"] for r in rows)
+        assert len(set(ids.values())) == 2517
+        more = [
+            {**planned(pid, n, []), "idempotency_key": f"big-{n:05d}"} for n in range(2000, 3100)
+        ]
+        added = outbox_insert.insert_outbox_rows(session=session, rows=more)
+        session.commit()
+        assert sorted(added) == [f"big-{n:05d}" for n in range(2517, 3100)]
+        assert len(stored(session, "big-")) == 3100
+
+
+def test_sqlite_statements_come_in_a_dozen_sizes_whatever_the_batch() -> None:
+    sizes: set[int] = set()
+    for count in range(0, 5000):
+        parts = outbox_insert.sqlite_parts(count)
+        assert sum(parts) == count
+        assert parts == sorted(parts, reverse=True)
+        sizes.update(parts)
+    assert max(sizes) == outbox_insert.SQLITE_ROWS
+    assert len(sizes) <= 1 + outbox_insert.SQLITE_ROWS.bit_length()

@@ -458,6 +458,28 @@ def test_a_large_tick_refreshes_the_outbox_statistics(
         assert after == before != 11
 
 
+def test_decided_rows_are_written_several_batches_at_a_time_on_sqlite(
+    planner: Planner, sample: DefinitionSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: rows wait until SQLITE_WRITE_ROWS are decided, then go in one transaction,
+    and the rest at the end; PostgreSQL writes each batch's. Either way every row once."""
+    monkeypatch.setattr(planner_module, "SQLITE_WRITE_ROWS", 4)
+    writes: list[int] = []
+    insert = planner_module.outbox_insert.insert_outbox_rows
+
+    def counted(*, session: Session, rows: list[dict[str, object]]) -> dict[str, int]:
+        writes.append(len(rows))
+        return insert(session=session, rows=rows)
+
+    monkeypatch.setattr(planner_module.outbox_insert, "insert_outbox_rows", counted)
+    report = planner(sample, batch_size=2)
+    assert sum(writes) == report.inserted == planner.count() == 11
+    if planner.session_factory.kw["bind"].dialect.name == "sqlite":
+        assert all(n >= 4 for n in writes[:-1]) and len(writes) == 3
+    else:
+        assert all(n <= 4 for n in writes) and len(writes) >= 4  # at most 2 rows a patient
+
+
 def test_a_failed_analyze_costs_only_the_statistics(
     planner: Planner,
     sample: DefinitionSet,
