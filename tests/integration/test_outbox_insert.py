@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine.crypto import Keyring
 from engine.store import models as m
-from engine.store import outbox_insert, queries
+from engine.store import outbox_insert, outbox_queries, queries
 
 from .test_store import add_patients, make_record
 
@@ -103,3 +103,21 @@ def test_sqlite_statements_come_in_a_dozen_sizes_whatever_the_batch() -> None:
         sizes.update(parts)
     assert max(sizes) == outbox_insert.SQLITE_ROWS
     assert len(sizes) <= 1 + outbox_insert.SQLITE_ROWS.bit_length()
+
+
+def test_existing_keys_finds_exactly_the_stored_keys(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """More keys than one IN list holds (SQLite), one array (PostgreSQL); duplicates and
+    keys never stored are fine."""
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+        rows = [{**planned(pid, n, []), "idempotency_key": f"k-{n:05d}"} for n in range(0, 1400, 2)]
+        outbox_insert.insert_outbox_rows(session=session, rows=rows)
+        session.commit()
+        asked = [f"k-{n:05d}" for n in range(1400)] + ["k-00002", "k-00003"]
+        found = outbox_queries.existing_keys(session=session, keys=asked)
+        assert found == {f"k-{n:05d}" for n in range(0, 1400, 2)}
+        assert outbox_queries.existing_keys(session=session, keys=[]) == set()
+        assert outbox_queries.existing_keys(session=session, keys=["k-00001"]) == set()
