@@ -20,7 +20,8 @@ SKIPPED = {"id", "idempotency_key", "created_at", "updated_at"}
 
 def planned(pid: int, n: int, reasons: list[Any]) -> dict[str, Any]:
     """A planned row as the planner gives it: no anchor, attempts, times of creation."""
-    due = NOW + timedelta(minutes=n % 3)  # times repeat across rows, as in a tick
+    # Times repeat across rows, as in a tick; microseconds survive.
+    due = NOW + timedelta(minutes=n % 3, microseconds=n % 2 * 123_457)
     return {
         "campaign_id": "statin-refill", "campaign_version": "v1", "template_id": "statin-refill",
         "template_version": "t1", "locale": "en", "purpose": "adherence", "patient_id": pid,
@@ -49,7 +50,9 @@ def test_bulk_rows_read_back_as_rows_the_orm_inserted(
     with session_factory() as session:
         add_patients(session, keyring, make_record("P1"))
         pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
-        shared = [{"rule": "consent", "effect": "deny", "message": "no consent"}]
+        # COPY's text format escapes backslashes, tabs and newlines (PostgreSQL).
+        message = 'no "consent"\\ for\tadherence\n— yet é'
+        shared = [{"rule": "consent", "effect": "deny", "message": message, "cite": None}]
         rows = [planned(pid, n, shared if n % 2 == 0 else []) for n in range(7)]
         bulk = [{**r, "idempotency_key": f"bulk-{n}"} for n, r in enumerate(rows)]
         orm = [
