@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import insert, select
+import pytest
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.crypto import Keyring
@@ -124,3 +125,32 @@ def test_existing_keys_finds_exactly_the_stored_keys(
         assert found == {f"k-{n:05d}" for n in range(0, 1400, 2)}
         assert outbox_queries.existing_keys(session=session, keys=[]) == set()
         assert outbox_queries.existing_keys(session=session, keys=["k-00001"]) == set()
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+def test_postgresql_copies_straight_into_the_outbox_unless_a_key_is_taken(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """New keys: one COPY into the outbox, no staging table. A batch with a key already
+    stored (another planner's): the savepoint is rolled back, nothing of the COPY stays,
+    and the staging path inserts the others, with ids the outbox hands out."""
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+        staged = text("SELECT to_regclass('pg_temp.outbox_stage') IS NOT NULL")
+        first = [{**planned(pid, n, []), "idempotency_key": f"c-{n:03d}"} for n in range(5)]
+        ids = outbox_insert.insert_outbox_rows(session=session, rows=first)
+        assert sorted(ids) == [f"c-{n:03d}" for n in range(5)]
+        assert session.scalar(staged) is False
+        session.commit()
+        second = [{**planned(pid, n, []), "idempotency_key": f"c-{n:03d}"} for n in range(3, 8)]
+        added = outbox_insert.insert_outbox_rows(session=session, rows=second)
+        assert sorted(added) == ["c-005", "c-006", "c-007"]
+        assert session.scalar(staged) is True
+        session.commit()
+        rows = session.execute(
+            select(m.Outbox.idempotency_key, m.Outbox.id).where(
+                m.Outbox.idempotency_key.startswith("c-")
+            )
+        ).all()
+        assert dict(rows) == ids | added
