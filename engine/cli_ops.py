@@ -14,7 +14,8 @@ from engine import audit
 from engine.cli_decide import campaign_or_exit, parse_at
 from engine.core.policy import format_duration
 from engine.defmodels import parse_duration
-from engine.planner import DEFAULT_HORIZON, PlanReport, plan
+from engine.planner import DEFAULT_HORIZON, plan
+from engine.planner_report import PlanReport
 from engine.runtime import Runtime, UsageProblem, utcnow
 from engine.store import outbox_queries
 from engine.store.outbox_queries import OutboxStatus

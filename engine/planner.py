@@ -3,20 +3,22 @@
 Patients are streamed as the dry-run streams them (engine.dryrun: iter_patients batches,
 the audience filter, schedule.occurrences) and every occurrence is decided with the same
 engine.evaluate.evaluate_occurrence, but against the real outbox history, for the time
-it is due. Each batch is decided in a read transaction, then written in a transaction
-that starts with its INSERT (on SQLite, no read-then-write lock upgrade) and commits.
+it is due. Each batch is decided in a read transaction; its rows are written in a
+transaction that starts with its INSERT (on SQLite, no read-then-write lock upgrade) and
+commits, one per batch on PostgreSQL, one per SQLITE_WRITE_ROWS rows on SQLite. What a
+tick reports is in engine.planner_report.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,9 +28,10 @@ from engine.core import schedule
 from engine.core.domain import Campaign, ConsentState, History, SentMessage
 from engine.crypto import Keyring, PatientCipher
 from engine.definitions import DefinitionSet
-from engine.dryrun import Candidate, DryRunSummary, anchors_of, in_audience
+from engine.dryrun import Candidate, anchors_of, in_audience
 from engine.gc_tuning import bulk_collector
 from engine.outbox_status import QUEUED
+from engine.planner_report import CampaignPlan, PlanReport, summary, tally
 from engine.planner_rows import Pending, PlannedRow, RowContext, planned_row, sealed_fields
 from engine.store import consent_queries, outbox_insert, outbox_queries, queries
 from engine.store.defqueries import approved_versions
@@ -47,27 +50,6 @@ SQLITE_WRITE_ROWS = 4000
 log = logging.getLogger("engine.planner")
 
 
-@dataclass
-class CampaignPlan:
-    """One campaign's share of a tick; `summary` counts the rows this tick inserted."""
-
-    summary: DryRunSummary = field(default_factory=DryRunSummary)
-    statuses: Counter[str] = field(default_factory=Counter)
-    inserted: int = 0
-    already_present: int = 0  # including `raced`
-    raced: int = 0  # decided, but another planner inserted the row first
-    links: int = 0
-
-    def merge(self, other: CampaignPlan) -> None:
-        """Add another process's share of the same tick."""
-        self.summary.merge(other.summary)
-        self.statuses.update(other.statuses)
-        self.inserted += other.inserted
-        self.already_present += other.already_present
-        self.raced += other.raced
-        self.links += other.links
-
-
 class StopSignal(Protocol):
     """What a tick checks between batches (a threading.Event, or a multiprocessing one)."""
 
@@ -80,59 +62,6 @@ class _Never:
 
 
 NEVER: StopSignal = _Never()
-
-
-@dataclass
-class PlanReport:
-    now: datetime
-    horizon: timedelta
-    campaigns: dict[str, CampaignPlan] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    patients_seen: int = 0
-    expired: int = 0
-    duration: float = 0.0
-    processes: int = 1
-    stopped: bool = False  # asked to stop: the patients not reached are planned next tick
-
-    @property
-    def inserted(self) -> int:
-        return sum(c.inserted for c in self.campaigns.values())
-
-    @property
-    def already_present(self) -> int:
-        return sum(c.already_present for c in self.campaigns.values())
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "now": self.now.isoformat(),
-            "horizon_seconds": int(self.horizon.total_seconds()),
-            "patients": self.patients_seen,
-            "inserted": self.inserted,
-            "already_present": self.already_present,
-            "expired": self.expired,
-            "duration_seconds": round(self.duration, 3),
-            "processes": self.processes,
-            "stopped": self.stopped,
-            "skipped": dict(self.skipped),
-            "campaigns": {cid: _campaign_json(c) for cid, c in sorted(self.campaigns.items())},
-        }
-
-
-def _campaign_json(c: CampaignPlan) -> dict[str, Any]:
-    return {
-        "allow": c.summary.outcomes["allow"],
-        "defer": c.summary.outcomes["defer"],
-        "deny": c.summary.outcomes["deny"],
-        "by_status": dict(c.statuses),
-        "by_rule": dict(c.summary.deciding_rules.most_common()),
-        "inserted": c.inserted,
-        "already_present": c.already_present,
-        "raced": c.raced,
-        "links": c.links,
-        "in_audience": c.summary.in_audience,
-        "audience_errors": c.summary.audience_errors,
-        "unapproved_templates": sorted(c.summary.unapproved_templates),
-    }
 
 
 @dataclass(frozen=True)
@@ -211,7 +140,7 @@ def plan(
     if report.inserted or report.expired:
         with session_factory.begin() as session:
             audit.record(
-                session=session, actor=actor, action="plan_tick", now=now, details=_summary(report)
+                session=session, actor=actor, action="plan_tick", now=now, details=summary(report)
             )
     return report
 
@@ -224,22 +153,6 @@ def _refresh_statistics(session_factory: sessionmaker[Session]) -> None:
             outbox_queries.refresh_statistics(session=session)
     except DBAPIError as exc:
         log.warning("planner.analyze_failed", extra={"fields": {"error": type(exc.orig).__name__}})
-
-
-def _summary(report: PlanReport) -> dict[str, Any]:
-    """Counts only (no patient): rows inserted by campaign and status, rows expired."""
-    return {
-        "inserted": report.inserted,
-        "expired": report.expired,
-        "already_present": report.already_present,
-        "patients": report.patients_seen,
-        "horizon_seconds": int(report.horizon.total_seconds()),
-        "campaigns": {
-            cid: {"inserted": c.inserted, "by_status": dict(sorted(c.statuses.items()))}
-            for cid, c in sorted(report.campaigns.items())
-            if c.inserted
-        },
-    }
 
 
 def _active_campaigns(
@@ -334,7 +247,7 @@ def _write(tick: Tick, rows: list[PlannedRow]) -> None:
         ids = outbox_insert.insert_outbox_rows(session=session, rows=[r.values for r in rows])
         links = [{**r.link, "outbox_id": ids[r.key]} for r in rows if r.link and r.key in ids]
         outbox_queries.insert_scheduling_links(session=session, links=links)
-    _tally(tick.report, rows, ids)
+    tally(tick.report, rows, ids)
 
 
 def _due(tick: Tick, batch: list[Candidate]) -> Iterator[Pending]:
@@ -408,16 +321,3 @@ def _decide(tick: Tick, fresh: list[Pending], facts: _Facts) -> list[PlannedRow]
                 sent.append(SentMessage(row.values["send_at"], item.campaign.purpose))
             rows.append(row)
     return rows
-
-
-def _tally(report: PlanReport, rows: list[PlannedRow], ids: Mapping[str, int]) -> None:
-    for row in rows:
-        plan = report.campaigns[row.values["campaign_id"]]
-        if row.key not in ids:  # another planner inserted it first
-            plan.already_present += 1
-            plan.raced += 1
-            continue
-        plan.inserted += 1
-        plan.statuses[row.status] += 1
-        plan.links += row.link is not None
-        plan.summary.add(row.evaluation)

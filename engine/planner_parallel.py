@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine.crypto import Keyring
 from engine.definitions import load_sources
 from engine.gc_tuning import freeze_startup_heap
-from engine.planner import NEVER, CampaignPlan, PlanReport, StopSignal, Tick, plan_patients
+from engine.planner import NEVER, StopSignal, Tick, plan_patients
+from engine.planner_report import CampaignPlan, PlanReport
 from engine.planner_rows import RowContext
 from engine.store import db
 from engine.store import models as m

@@ -23,7 +23,8 @@ from engine.crypto import Keyring, token_hash
 from engine.definitions import DefinitionSet, load_definitions
 from engine.dryrun import Candidate, DryRunSummary, dry_run
 from engine.importer import import_files
-from engine.planner import PlanReport, plan
+from engine.planner import plan
+from engine.planner_report import PlanReport
 from engine.store import consent_queries, outbox_queries, queries
 from engine.store import models as m
 from engine.store.db import make_engine, make_session_factory
