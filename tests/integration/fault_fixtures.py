@@ -193,11 +193,27 @@ class WorkerPool:
         self.procs[slot].wait(timeout=10)
 
     def stop_all(self, timeout: float = 30) -> dict[str, int]:
+        """SIGTERM every process once it has started, then their exit codes. A process
+        restarted a moment ago may still be importing, before any handler is installed,
+        and would die of the signal (-15) having done nothing."""
+        self.wait_started(timeout)
         for proc in self.procs.values():
             proc.send_signal(signal.SIGTERM)
         codes = {slot: proc.wait(timeout=timeout) for slot, proc in self.procs.items()}
         self.procs.clear()
         return codes
+
+    def wait_started(self, timeout: float) -> None:
+        """Until each running process has logged `worker.start` (its signal handlers are
+        installed by then) or exited, at most `timeout` seconds in all."""
+        deadline = time.monotonic() + timeout
+        needle = '"event": "worker.start"'
+        for slot, proc in self.procs.items():
+            log_path = self.log_path(slot)
+            while proc.poll() is None and time.monotonic() < deadline:
+                if needle in log_path.read_text(errors="replace"):
+                    break
+                time.sleep(0.05)
 
     def kill_all(self) -> None:
         for proc in self.procs.values():

@@ -106,6 +106,7 @@ def test_a_planner_tick_runs_inside(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(planner, "sealed_fields", lambda defs, campaigns: frozenset())
     monkeypatch.setattr(planner, "_candidates", lambda *args: iter(()))
+    monkeypatch.setattr(planner, "write_after_rows", lambda sessions, batch_size: batch_size)
     planner.plan_patients(Tick(), 10)  # type: ignore[arg-type]
     assert seen == [BULK_THRESHOLDS]
     assert gc.get_threshold() == (700, 10, 10)
