@@ -38,6 +38,9 @@ COLUMNS: tuple[str, ...] = tuple(c.name for c in TABLE.columns if c.name != "id"
 DEFAULTS: Mapping[str, Any] = {"anchor": "", "attempts": 0, "reasons": []}
 SQLITE_MAX_VARIABLES = 32_766  # SQLite >= 3.32
 SQLITE_ROWS = SQLITE_MAX_VARIABLES // len(COLUMNS)
+_NAMES = ", ".join(COLUMNS)
+_KEY = COLUMNS.index("idempotency_key")
+_NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('outbox', 'id')) FROM generate_series(1, %s)"
 
 
 def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -182,12 +185,7 @@ def _copy_insert(driver: Any, values: list[tuple[Any, ...]]) -> dict[str, int]:
             cursor.execute("ROLLBACK TO SAVEPOINT outbox_copy")
             return _staged_insert(cursor, values)
         cursor.execute("RELEASE SAVEPOINT outbox_copy")
-    key = COLUMNS.index("idempotency_key")
-    return {row[key]: id_ for id_, row in zip(ids, values, strict=True)}
-
-
-_NAMES = ", ".join(COLUMNS)
-_NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('outbox', 'id')) FROM generate_series(1, %s)"
+    return {row[_KEY]: id_ for id_, row in zip(ids, values, strict=True)}
 
 
 def _staged_insert(cursor: Any, values: list[tuple[Any, ...]]) -> dict[str, int]:

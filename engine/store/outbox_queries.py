@@ -15,7 +15,6 @@ from sqlalchemy import (
     JSON,
     ColumnElement,
     Text,
-    any_,
     bindparam,
     cast,
     column,
@@ -138,10 +137,8 @@ def existing_keys(*, session: Session, keys: Iterable[str]) -> set[str]:
     o = m.Outbox.__table__.c
     wanted = sorted(set(keys))
     if wanted and session.get_bind().dialect.name == "postgresql":
-        keys_array = bindparam("keys", wanted, type_=postgresql.ARRAY(Text))
-        return set(
-            session.scalars(select(o.idempotency_key).where(o.idempotency_key == any_(keys_array)))
-        )
+        criterion = among(o.idempotency_key, "keys", wanted, item_type=Text)
+        return set(session.scalars(select(o.idempotency_key).where(criterion)))
     found: set[str] = set()
     for chunk in chunks(wanted):
         found.update(session.scalars(select(o.idempotency_key).where(o.idempotency_key.in_(chunk))))
