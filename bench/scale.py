@@ -7,9 +7,10 @@ For each database and population size: the synthetic population is seeded (bench
 cached with --cache or $ENGAGE_BENCH_CACHE), the starter definitions synced and approved
 (every policy rule active, encryption on). Then, in this order:
 
-1. a bare bulk insert: as many outbox rows as the population has patients, built
-   1,000 at a time (not timed), written 1,000 per transaction by the planner's own
-   insert path (COPY on PostgreSQL, multi-row INSERT on SQLite), then deleted again;
+1. a bare bulk insert: as many outbox rows as the population has patients, one per
+   patient in patient order as a tick writes them, built 1,000 at a time (not timed),
+   written 1,000 per transaction by the planner's own insert path (COPY on PostgreSQL,
+   multi-row INSERT on SQLite), then deleted again;
 2. one planner tick at 2026-12-02T00:00Z, when the monthly awareness campaign is due for
    every adult, in a fresh process whose memory, and its children's, is sampled;
 3. a correctness check: for a random sample of patients, every occurrence is decided
@@ -70,9 +71,10 @@ class Row:
 
 def bare_insert(p: Prepared, count: int) -> float:
     """Rows per second of a bare bulk insert of `count` outbox rows (then deleted): rows
-    are built 1,000 at a time and only the inserts are timed."""
+    are built 1,000 at a time and only the inserts are timed. Like a tick's, the rows are
+    one per patient in patient order (the outbox's unique index leads with the patient)."""
     with p.sessions() as session:
-        ids = session.scalars(select(m.Patient.id).order_by(m.Patient.id).limit(10_000)).all()
+        ids = session.scalars(select(m.Patient.id).order_by(m.Patient.id)).all()
     body = random.Random(1).randbytes(140)
     reason = {"rule": "consent-required", "policy": "consent", "effect": "deny",
               "message": "no active consent for adherence", "cite": "47 CFR 64.1200"}  # fmt: skip

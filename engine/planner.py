@@ -226,7 +226,7 @@ def _plan_batch(tick: Tick, batch: list[Candidate]) -> list[PlannedRow]:
         return []
     with tick.session_factory() as session:
         present = outbox_queries.existing_keys(
-            session=session, keys=(p.occurrence.idempotency_key for p in pending)
+            session=session, keys=((p.patient_row, p.occurrence.idempotency_key) for p in pending)
         )
         fresh = [p for p in pending if p.occurrence.idempotency_key not in present]
         for p in pending:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import select
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +131,46 @@ def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
 
     On PostgreSQL an advisory lock keeps two processes from migrating at once.
     """
+    with _migrating(engine_or_url) as connection:
+        command.upgrade(alembic_config(connection), revision)
+
+
+def downgrade(engine_or_url: Engine | str, revision: str) -> None:
+    """Migrate the database back to `revision`, as upgrade() does."""
+    with _migrating(engine_or_url) as connection:
+        command.downgrade(alembic_config(connection), revision)
+
+
+@contextmanager
+def _migrating(engine_or_url: Engine | str) -> Iterator[Connection]:
+    """A connection in the transaction a migration runs in.
+
+    SQLite rebuilds a table to drop a constraint (Alembic's batch mode): it drops the table
+    and renames a copy to its name, which a foreign key pointing at the table (checked even
+    when deferred) takes as its rows deleted. So, as SQLite's own procedure for such
+    changes says, foreign keys are off during the migration (it can only be switched
+    outside a transaction) and `PRAGMA foreign_key_check` must find nothing before commit.
+    """
     engine, owned = _engine(engine_or_url)
     try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
-            command.upgrade(alembic_config(connection), revision)
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with connection.begin():
+                    if not sqlite:
+                        connection.execute(
+                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK}
+                        )
+                    yield connection
+                    if sqlite:
+                        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                        if broken:
+                            raise RuntimeError(f"migration broke foreign keys: {broken[:5]}")
+            finally:
+                if sqlite:
+                    connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
     finally:
         if owned:
             engine.dispose()

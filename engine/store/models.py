@@ -231,10 +231,15 @@ class Outbox(Base):
         Index(None, "patient_id", "status"),
         Index(None, "patient_id", "sent_at"),
         Index(None, "campaign_id", "status"),
+        # One row per key, scoped by patient (migration 0010): the key hashes the patient's
+        # external id, so this is the key's own uniqueness, but planners write rows in
+        # patient order and this index takes them at its end, where one on the random key
+        # alone took each at a random page.
+        UniqueConstraint("patient_id", "idempotency_key"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
     campaign_id: Mapped[str] = mapped_column(String(128))
     campaign_version: Mapped[str] = mapped_column(String(64))
     template_id: Mapped[str | None] = mapped_column(String(128))

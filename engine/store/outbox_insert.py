@@ -5,15 +5,17 @@ database spends storing them, so here the statement is built once per row count 
 values are converted by the columns' own bind processors (SQLite stores the same text,
 PostgreSQL receives the same types, as through the ORM), then:
 
-- SQLite: multi-row INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING;
+- SQLite: multi-row INSERT ... ON CONFLICT (patient_id, idempotency_key) DO NOTHING
+  RETURNING;
 - PostgreSQL: COPY straight into the outbox in a savepoint, with ids drawn from its
   sequence; only when another planner inserted one of the keys meanwhile, COPY into a
   temporary staging table dropped at commit, then one
-  INSERT ... SELECT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING.
+  INSERT ... SELECT ... ON CONFLICT (patient_id, idempotency_key) DO NOTHING RETURNING.
 
-Either way rows go in idempotency-key order, so two planners inserting the same keys take
-their locks in the same order and cannot deadlock, and a key inserted by another planner
-first is skipped, never doubled.
+Either way rows go in (patient, key) order, the order of the unique index (migration
+0010): two planners inserting the same keys take their locks in the same order and cannot
+deadlock, a key inserted by another planner first is skipped, never doubled, and a
+planner's rows, streamed in patient order, go in at the index's end.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ _NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('outbox', 'id')) FROM generat
 
 
 def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Insert rows, skipping any whose idempotency key exists; the new rows' ids by key.
+    """Insert rows, skipping any whose patient has its idempotency key already; the new
+    rows' ids by key (a key names one patient).
 
     Columns a row leaves out take their defaults; created_at and updated_at are now.
     """
@@ -53,7 +56,7 @@ def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -
     connection = session.connection()
     dialect = connection.dialect
     convert = _converters(dialect)
-    ordered = sorted(rows, key=lambda r: str(r["idempotency_key"]))
+    ordered = sorted(rows, key=itemgetter("patient_id", "idempotency_key"))
     values = convert.rows(ordered, m.utcnow())
     driver = connection.connection.driver_connection
     if dialect.name == "postgresql":
@@ -162,7 +165,7 @@ def _sqlite_statement(count: int) -> str:
     one = "(" + ", ".join("?" * len(COLUMNS)) + ")"
     return (
         f"INSERT INTO outbox ({', '.join(COLUMNS)}) VALUES {', '.join([one] * count)} "
-        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key, id"
+        "ON CONFLICT (patient_id, idempotency_key) DO NOTHING RETURNING idempotency_key, id"
     )
 
 
@@ -199,7 +202,8 @@ def _staged_insert(cursor: Any, values: list[tuple[Any, ...]]) -> dict[str, int]
             copy.write_row(row)
     cursor.execute(
         f"INSERT INTO outbox ({_NAMES}) SELECT {_NAMES} FROM outbox_stage "
-        "ORDER BY idempotency_key ON CONFLICT (idempotency_key) DO NOTHING "
+        "ORDER BY patient_id, idempotency_key ON CONFLICT (patient_id, idempotency_key) "
+        "DO NOTHING "
         "RETURNING idempotency_key, id"
     )
     return dict(cursor.fetchall())

@@ -66,12 +66,10 @@ def id_groups(
         yield column.in_(chunk), set(chunk)
 
 
-def among(
-    column: Any, name: str, ids: Sequence[Any] | None = None, *, item_type: Any = BigInteger
-) -> ColumnElement[bool]:
-    """PostgreSQL: `column = ANY(:name)`, the ids (or other values of `item_type`) bound as
-    one array (given now, or at execution under `name`)."""
-    param = bindparam(name, ids, type_=postgresql.ARRAY(item_type), unique=ids is not None)
+def among(column: Any, name: str, ids: Sequence[int] | None = None) -> ColumnElement[bool]:
+    """PostgreSQL: `column = ANY(:name)`, the ids bound as one array (given now, or at
+    execution under `name`)."""
+    param = bindparam(name, ids, type_=postgresql.ARRAY(BigInteger), unique=ids is not None)
     return column == any_(param)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import insert, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.crypto import Keyring
@@ -109,22 +110,56 @@ def test_sqlite_statements_come_in_a_dozen_sizes_whatever_the_batch() -> None:
     assert len(sizes) <= 1 + outbox_insert.SQLITE_ROWS.bit_length()
 
 
-def test_existing_keys_finds_exactly_the_stored_keys(
+def test_existing_keys_finds_exactly_the_stored_pairs(
     session_factory: sessionmaker[Session], keyring: Keyring
 ) -> None:
-    """More keys than one IN list holds (SQLite), one array (PostgreSQL); duplicates and
-    keys never stored are fine."""
+    """(patient, key) pairs: more than one VALUES list holds on SQLite, and a remainder
+    that is padded; one pair of arrays on PostgreSQL. Duplicates, keys never stored and a
+    stored key asked for under another patient are not found."""
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"), make_record("P2", phone="+12125550143"))
+        ids = queries.patient_ids_for(session=session, external_ids=["P1", "P2"])
+        p1, p2 = ids["P1"], ids["P2"]
+        rows = [{**planned(p1, n, []), "idempotency_key": f"k-{n:05d}"} for n in range(0, 1400, 2)]
+        rows.append({**planned(p2, 1, []), "idempotency_key": "k-p2"})
+        outbox_insert.insert_outbox_rows(session=session, rows=rows)
+        session.commit()
+        asked = [(p1, f"k-{n:05d}") for n in range(1400)] + [(p1, "k-00002"), (p1, "k-00003")]
+        asked += [(p2, "k-p2"), (p2, "k-00004"), (p1, "k-p2")]
+        found = outbox_queries.existing_keys(session=session, keys=asked)
+        assert found == {f"k-{n:05d}" for n in range(0, 1400, 2)} | {"k-p2"}
+        assert outbox_queries.existing_keys(session=session, keys=[]) == set()
+        assert outbox_queries.existing_keys(session=session, keys=[(p1, "k-00001")]) == set()
+        assert outbox_queries.existing_keys(session=session, keys=[(p2, "k-00000")]) == set()
+        assert outbox_queries.existing_keys(session=session, keys=[(p1, "k-p2")]) == set()
+
+
+def test_sqlite_key_lookups_come_in_three_sizes() -> None:
+    for count in (1, 31, 32, 33, 129, 512, 513, 1100):
+        pairs = [(n, f"k{n}") for n in range(count)]
+        chunks = list(outbox_queries._padded_chunks(pairs))
+        assert {len(c) for c in chunks} <= set(outbox_queries.EXISTING_KEYS_SIZES)
+        assert sorted({pair for c in chunks for pair in c}) == pairs
+
+
+def test_one_key_is_stored_once_per_patient(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """The unique index is (patient_id, idempotency_key): a second row with the same key for
+    the same patient is skipped by the bulk insert and refused to a plain insert. (A key
+    hashes its patient's external id, so the same key for another patient cannot occur.)"""
     with session_factory() as session:
         add_patients(session, keyring, make_record("P1"))
         pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
-        rows = [{**planned(pid, n, []), "idempotency_key": f"k-{n:05d}"} for n in range(0, 1400, 2)]
-        outbox_insert.insert_outbox_rows(session=session, rows=rows)
+        first = {**planned(pid, 1, []), "idempotency_key": "once"}
+        assert list(outbox_insert.insert_outbox_rows(session=session, rows=[first])) == ["once"]
+        again = {**planned(pid, 3, []), "idempotency_key": "once"}
+        assert outbox_insert.insert_outbox_rows(session=session, rows=[again]) == {}
         session.commit()
-        asked = [f"k-{n:05d}" for n in range(1400)] + ["k-00002", "k-00003"]
-        found = outbox_queries.existing_keys(session=session, keys=asked)
-        assert found == {f"k-{n:05d}" for n in range(0, 1400, 2)}
-        assert outbox_queries.existing_keys(session=session, keys=[]) == set()
-        assert outbox_queries.existing_keys(session=session, keys=["k-00001"]) == set()
+        with pytest.raises(IntegrityError):
+            session.execute(insert(m.Outbox), [{**again, "anchor": "", "attempts": 0}])
+        session.rollback()
+        assert [r["occurrence"] for r in stored(session, "once")] == ["o1"]
 
 
 @pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)

@@ -63,12 +63,69 @@ def test_migrations_create_the_model_schema(db_url: str) -> None:
         assert current_revision(engine) is None
         upgrade(engine)
         upgrade(db_url)  # a second run is a no-op, from a URL too
-        assert current_revision(db_url) == head_revision() == "0009"
+        assert current_revision(db_url) == head_revision() == "0010"
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, m.Base.metadata) == []
         tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
         assert tables == set(m.Base.metadata.tables)
+    finally:
+        engine.dispose()
+
+
+def test_migration_0010_keeps_the_outbox_and_scopes_its_key_by_patient(
+    db_url: str, keyring: Keyring
+) -> None:
+    """From 0009, with rows and a scheduling link pointing at one (SQLite rebuilds the
+    table under it): every row and the link survive, the claim's partial index keeps its
+    condition, the schema is the models', and one key may now be stored once per patient.
+    Downgrading restores the key's own uniqueness."""
+    engine = make_engine(db_url)
+    sessions = db.make_session_factory(engine)
+    try:
+        upgrade(engine, "0009")
+        with sessions() as session:
+            add_patients(session, keyring, make_record("P1"))
+            pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+            row = dict(
+                campaign_id="c",
+                campaign_version="1",
+                purpose="adherence",
+                outcome="allow",
+                status="queued",
+                due_at=T0,
+                expires_at=T0,
+                reasons=[],
+            )
+            for n in range(3):
+                session.add(m.Outbox(**row, idempotency_key=f"k{n}", patient_id=pid, occurrence=""))
+            session.flush()
+            first = session.scalars(select(m.Outbox.id).order_by(m.Outbox.id)).first()
+            link = dict(token_hash="t", kind="booking", expires_at=T0)
+            session.add(m.SchedulingLink(**link, patient_id=pid, outbox_id=first))
+            session.commit()
+            before = session.execute(select(m.Outbox.id, m.Outbox.idempotency_key)).all()
+        upgrade(engine)
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, m.Base.metadata) == []
+        due = {i["name"]: i for i in inspect(engine).get_indexes("outbox")}["ix_outbox_due"]
+        where = due["dialect_options"][f"{engine.dialect.name}_where"]
+        assert "deferred" in str(where) and "queued" in str(where)
+        with sessions() as session:
+            assert sorted(session.execute(select(m.Outbox.id, m.Outbox.idempotency_key))) == sorted(
+                before
+            )
+            assert session.scalar(select(m.SchedulingLink.outbox_id)) == first
+        with pytest.raises(DBAPIError), sessions.begin() as session:
+            session.execute(
+                text("UPDATE outbox SET idempotency_key = 'k0' WHERE idempotency_key = 'k1'")
+            )
+        db.downgrade(engine, "0009")
+        assert current_revision(engine) == "0009"
+        names = {u["name"] for u in inspect(engine).get_unique_constraints("outbox")}
+        assert "uq_outbox_idempotency_key" in names
+        assert "uq_outbox_patient_id_idempotency_key" not in names
     finally:
         engine.dispose()
 
