@@ -131,18 +131,18 @@ def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
 
     On PostgreSQL an advisory lock keeps two processes from migrating at once.
     """
-    with _migrating(engine_or_url) as connection:
+    with migrating(engine_or_url) as connection:
         command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(engine_or_url: Engine | str, revision: str) -> None:
     """Migrate the database back to `revision`, as upgrade() does."""
-    with _migrating(engine_or_url) as connection:
+    with migrating(engine_or_url) as connection:
         command.downgrade(alembic_config(connection), revision)
 
 
 @contextmanager
-def _migrating(engine_or_url: Engine | str) -> Iterator[Connection]:
+def migrating(engine_or_url: Engine | str) -> Iterator[Connection]:
     """A connection in the transaction a migration runs in.
 
     SQLite rebuilds a table to drop a constraint (Alembic's batch mode): it drops the table

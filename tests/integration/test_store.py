@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, inspect, select, text, update
@@ -79,7 +80,7 @@ def test_migration_0010_keeps_the_outbox_and_scopes_its_key_by_patient(
     """From 0009, with rows and a scheduling link pointing at one (SQLite rebuilds the
     table under it): every row and the link survive, the claim's partial index keeps its
     condition, the schema is the models', and one key may now be stored once per patient.
-    Downgrading restores the key's own uniqueness."""
+    Downgrading restores the key's own uniqueness, from the `alembic` command line too."""
     engine = make_engine(db_url)
     sessions = db.make_session_factory(engine)
     try:
@@ -121,11 +122,20 @@ def test_migration_0010_keeps_the_outbox_and_scopes_its_key_by_patient(
             session.execute(
                 text("UPDATE outbox SET idempotency_key = 'k0' WHERE idempotency_key = 'k1'")
             )
+        # Down and up again as the `alembic` command line does (its own engine), then down
+        # through db.downgrade.
+        config = db.alembic_config()
+        config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
+        command.downgrade(config, "0009")
+        assert current_revision(engine) == "0009"
+        command.upgrade(config, "head")
         db.downgrade(engine, "0009")
         assert current_revision(engine) == "0009"
         names = {u["name"] for u in inspect(engine).get_unique_constraints("outbox")}
         assert "uq_outbox_idempotency_key" in names
         assert "uq_outbox_patient_id_idempotency_key" not in names
+        with sessions() as session:
+            assert session.scalar(select(m.SchedulingLink.outbox_id)) == first
     finally:
         engine.dispose()
 

@@ -45,11 +45,11 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from engine.store.db import make_engine
+    from engine.store.db import make_engine, migrating
 
     engine = make_engine(_url())
     try:
-        with engine.connect() as own_connection:
+        with migrating(engine) as own_connection:  # as engine.store.db.upgrade migrates
             _configure(own_connection)
             with context.begin_transaction():
                 context.run_migrations()
