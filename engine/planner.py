@@ -225,7 +225,7 @@ def _plan_batch(tick: Tick, batch: list[Candidate]) -> list[PlannedRow]:
     if not pending:
         return []
     with tick.session_factory() as session:
-        present = outbox_queries.existing_keys(
+        present = outbox_insert.existing_keys(
             session=session, keys=((p.patient_row, p.occurrence.idempotency_key) for p in pending)
         )
         fresh = [p for p in pending if p.occurrence.idempotency_key not in present]

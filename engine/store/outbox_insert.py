@@ -15,13 +15,14 @@ PostgreSQL receives the same types, as through the ORM), then:
 Either way rows go in (patient, key) order, the order of the unique index (migration
 0010): two planners inserting the same keys take their locks in the same order and cannot
 deadlock, a key inserted by another planner first is skipped, never doubled, and a
-planner's rows, streamed in patient order, go in at the index's end.
+planner's rows, streamed in patient order, go in at the index's end. existing_keys looks
+rows up in the same index before a batch is decided.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -34,6 +35,7 @@ from sqlalchemy import JSON, Dialect, LargeBinary
 from sqlalchemy.orm import Session
 
 from engine.store import models as m
+from engine.store.queries import chunks
 
 TABLE = m.Outbox.__table__
 COLUMNS: tuple[str, ...] = tuple(c.name for c in TABLE.columns if c.name != "id")
@@ -41,6 +43,9 @@ DEFAULTS: Mapping[str, Any] = {"anchor": "", "attempts": 0, "reasons": []}
 SQLITE_MAX_VARIABLES = 32_766  # SQLite >= 3.32
 SQLITE_ROWS = SQLITE_MAX_VARIABLES // len(COLUMNS)
 _NAMES = ", ".join(COLUMNS)
+UNIQUE: tuple[str, ...] = ("patient_id", "idempotency_key")  # the outbox's unique index
+_UNIQUE = ", ".join(UNIQUE)
+_SKIP_PRESENT = f"ON CONFLICT ({_UNIQUE}) DO NOTHING"
 _KEY = COLUMNS.index("idempotency_key")
 _NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('outbox', 'id')) FROM generate_series(1, %s)"
 
@@ -56,7 +61,7 @@ def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -
     connection = session.connection()
     dialect = connection.dialect
     convert = _converters(dialect)
-    ordered = sorted(rows, key=itemgetter("patient_id", "idempotency_key"))
+    ordered = sorted(rows, key=itemgetter(*UNIQUE))
     values = convert.rows(ordered, m.utcnow())
     driver = connection.connection.driver_connection
     if dialect.name == "postgresql":
@@ -164,8 +169,8 @@ def _copy_text(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def _sqlite_statement(count: int) -> str:
     one = "(" + ", ".join("?" * len(COLUMNS)) + ")"
     return (
-        f"INSERT INTO outbox ({', '.join(COLUMNS)}) VALUES {', '.join([one] * count)} "
-        "ON CONFLICT (patient_id, idempotency_key) DO NOTHING RETURNING idempotency_key, id"
+        f"INSERT INTO outbox ({_NAMES}) VALUES {', '.join([one] * count)} "
+        f"{_SKIP_PRESENT} RETURNING idempotency_key, id"
     )
 
 
@@ -202,8 +207,57 @@ def _staged_insert(cursor: Any, values: list[tuple[Any, ...]]) -> dict[str, int]
             copy.write_row(row)
     cursor.execute(
         f"INSERT INTO outbox ({_NAMES}) SELECT {_NAMES} FROM outbox_stage "
-        "ORDER BY patient_id, idempotency_key ON CONFLICT (patient_id, idempotency_key) "
-        "DO NOTHING "
+        f"ORDER BY {_UNIQUE} {_SKIP_PRESENT} "
         "RETURNING idempotency_key, id"
     )
     return dict(cursor.fetchall())
+
+
+def existing_keys(*, session: Session, keys: Iterable[tuple[int, str]]) -> set[str]:
+    """The idempotency keys among `keys`, (patient row id, key) pairs, that already have an
+    outbox row: each pair is looked up in the unique (patient_id, idempotency_key) index.
+
+    The pairs are joined as a relation, not matched by `(patient_id, key) IN (...)`, which
+    SQLite answers by scanning the whole index (50 ms for 2,000 pairs against 500,000
+    rows, 1.4 ms joined). PostgreSQL gets them as two arrays, one round trip; SQLite as
+    VALUES lists of EXISTING_KEYS_SIZES pairs (the last one padded), so a connection
+    prepares a handful of statements however batch sizes vary."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return set()
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        patients, keys_ = zip(*wanted, strict=True)
+        rows = connection.exec_driver_sql(_EXISTING_KEYS_PG, (list(patients), list(keys_)))
+        return {key for (key,) in rows}
+    found: set[str] = set()
+    for chunk in _padded_chunks(wanted):
+        params = tuple(v for pair in chunk for v in pair)
+        found.update(
+            key for (key,) in connection.exec_driver_sql(_existing_keys_sqlite(len(chunk)), params)
+        )
+    return found
+
+
+EXISTING_KEYS_SIZES = (512, 128, 32)
+_EXISTING_KEYS_PG = (
+    "SELECT o.idempotency_key FROM unnest(%s::bigint[], %s::text[]) AS k (patient_id, key) "
+    "JOIN outbox o ON o.patient_id = k.patient_id AND o.idempotency_key = k.key"
+)
+
+
+def _padded_chunks(pairs: Sequence[tuple[int, str]]) -> Iterator[Sequence[tuple[int, str]]]:
+    """`pairs` in chunks of the largest size, the rest in one of the smallest size that
+    holds it, padded by repeating its last pair (a repeat finds the same row again)."""
+    for chunk in chunks(pairs, EXISTING_KEYS_SIZES[0]):
+        size = min(s for s in EXISTING_KEYS_SIZES if s >= len(chunk))
+        yield [*chunk, *[chunk[-1]] * (size - len(chunk))]
+
+
+@cache
+def _existing_keys_sqlite(count: int) -> str:
+    values = ", ".join(["(?, ?)"] * count)
+    return (
+        f"SELECT o.idempotency_key FROM (VALUES {values}) AS k "
+        "JOIN outbox o ON o.patient_id = k.column1 AND o.idempotency_key = k.column2"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
@@ -127,58 +127,6 @@ def recent_for(
         for pid in ids
     }
     return histories, queued
-
-
-def existing_keys(*, session: Session, keys: Iterable[tuple[int, str]]) -> set[str]:
-    """The idempotency keys among `keys`, (patient row id, key) pairs, that already have an
-    outbox row: each pair is looked up in the unique (patient_id, idempotency_key) index.
-
-    The pairs are joined as a relation, not matched by `(patient_id, key) IN (...)`, which
-    SQLite answers by scanning the whole index (50 ms for 2,000 pairs against 500,000
-    rows, 1.4 ms joined). PostgreSQL gets them as two arrays, one round trip; SQLite as
-    VALUES lists of EXISTING_KEYS_SIZES pairs (the last one padded), so a connection
-    prepares a handful of statements however batch sizes vary."""
-    wanted = sorted(set(keys))
-    if not wanted:
-        return set()
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        patients, keys_ = zip(*wanted, strict=True)
-        rows = connection.exec_driver_sql(_EXISTING_KEYS_PG, (list(patients), list(keys_)))
-        return {key for (key,) in rows}
-    found: set[str] = set()
-    for chunk in _padded_chunks(wanted):
-        params = tuple(v for pair in chunk for v in pair)
-        found.update(
-            key for (key,) in connection.exec_driver_sql(_existing_keys_sqlite(len(chunk)), params)
-        )
-    return found
-
-
-EXISTING_KEYS_SIZES = (512, 128, 32)
-_EXISTING_KEYS_PG = (
-    "SELECT o.idempotency_key FROM unnest(%s::bigint[], %s::text[]) AS k (patient_id, key) "
-    "JOIN outbox o ON o.patient_id = k.patient_id AND o.idempotency_key = k.key"
-)
-
-
-def _padded_chunks(pairs: Sequence[tuple[int, str]]) -> Iterator[Sequence[tuple[int, str]]]:
-    """`pairs` in chunks of the largest size, the rest in one of the smallest size that
-    holds it, padded by repeating its last pair (a repeat finds the same row again)."""
-    largest = EXISTING_KEYS_SIZES[0]
-    for start in range(0, len(pairs), largest):
-        chunk = pairs[start : start + largest]
-        size = min(s for s in EXISTING_KEYS_SIZES if s >= len(chunk))
-        yield [*chunk, *[chunk[-1]] * (size - len(chunk))]
-
-
-@cache
-def _existing_keys_sqlite(count: int) -> str:
-    values = ", ".join(["(?, ?)"] * count)
-    return (
-        f"SELECT o.idempotency_key FROM (VALUES {values}) AS k "
-        "JOIN outbox o ON o.patient_id = k.column1 AND o.idempotency_key = k.column2"
-    )
 
 
 def _dialect(session: Session) -> Any:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine.crypto import Keyring
 from engine.store import models as m
-from engine.store import outbox_insert, outbox_queries, queries
+from engine.store import outbox_insert, queries
 
 from .test_store import add_patients, make_record
 
@@ -126,19 +126,19 @@ def test_existing_keys_finds_exactly_the_stored_pairs(
         session.commit()
         asked = [(p1, f"k-{n:05d}") for n in range(1400)] + [(p1, "k-00002"), (p1, "k-00003")]
         asked += [(p2, "k-p2"), (p2, "k-00004"), (p1, "k-p2")]
-        found = outbox_queries.existing_keys(session=session, keys=asked)
+        found = outbox_insert.existing_keys(session=session, keys=asked)
         assert found == {f"k-{n:05d}" for n in range(0, 1400, 2)} | {"k-p2"}
-        assert outbox_queries.existing_keys(session=session, keys=[]) == set()
-        assert outbox_queries.existing_keys(session=session, keys=[(p1, "k-00001")]) == set()
-        assert outbox_queries.existing_keys(session=session, keys=[(p2, "k-00000")]) == set()
-        assert outbox_queries.existing_keys(session=session, keys=[(p1, "k-p2")]) == set()
+        assert outbox_insert.existing_keys(session=session, keys=[]) == set()
+        assert outbox_insert.existing_keys(session=session, keys=[(p1, "k-00001")]) == set()
+        assert outbox_insert.existing_keys(session=session, keys=[(p2, "k-00000")]) == set()
+        assert outbox_insert.existing_keys(session=session, keys=[(p1, "k-p2")]) == set()
 
 
 def test_sqlite_key_lookups_come_in_three_sizes() -> None:
     for count in (1, 31, 32, 33, 129, 512, 513, 1100):
         pairs = [(n, f"k{n}") for n in range(count)]
-        chunks = list(outbox_queries._padded_chunks(pairs))
-        assert {len(c) for c in chunks} <= set(outbox_queries.EXISTING_KEYS_SIZES)
+        chunks = list(outbox_insert._padded_chunks(pairs))
+        assert {len(c) for c in chunks} <= set(outbox_insert.EXISTING_KEYS_SIZES)
         assert sorted({pair for c in chunks for pair in c}) == pairs
 
 
