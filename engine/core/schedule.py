@@ -79,11 +79,18 @@ def idempotency_key(campaign_id: str, patient_external_id: str, anchor: str, lab
     It deliberately leaves out the campaign version, template, time zone and send time, so
     edits and re-plans never produce a second message for the same occurrence.
     """
-    fields = (campaign_id, patient_external_id, anchor, label)
-    if all(type(f) is str for f in fields):  # what json.dumps writes for a list of strings
-        text = "[" + ", ".join([_json_string(f) for f in fields]) + "]"
+    if (  # what json.dumps writes for a list of strings (one key per occurrence planned)
+        type(campaign_id) is str
+        and type(patient_external_id) is str
+        and type(anchor) is str
+        and type(label) is str
+    ):
+        text = (
+            f"[{_json_string(campaign_id)}, {_json_string(patient_external_id)}, "
+            f"{_json_string(anchor)}, {_json_string(label)}]"
+        )
     else:
-        text = json.dumps(list(fields), ensure_ascii=False)
+        text = json.dumps([campaign_id, patient_external_id, anchor, label], ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
@@ -102,9 +109,12 @@ def occurrences(
 
     Send times are computed in the patient's first zone (`patient.zones[0]`).
     """
-    not_after, alive_at = _aware(not_after, "not_after"), _aware(alive_at, "alive_at")
+    if not_after.utcoffset() is None or alive_at.utcoffset() is None:  # naive: say which
+        _aware(not_after, "not_after"), _aware(alive_at, "alive_at")
     _check_anchor(campaign, anchor)
-    zone = patient.zones[0]
+    found = _due_times(campaign, anchor, patient.zones[0], not_after, alive_at)
+    if not found:  # most anchors of a large population: no key to name
+        return []
     key_anchor = anchor_key(anchor)
     return [
         Occurrence(
@@ -116,7 +126,7 @@ def occurrences(
             expires_at=expires_at,
             idempotency_key=idempotency_key(campaign.id, patient.external_id, key_anchor, label),
         )
-        for label, due_at, expires_at in _due_times(campaign, anchor, zone, not_after, alive_at)
+        for label, due_at, expires_at in found
     ]
 
 
@@ -148,13 +158,8 @@ def _window(
     campaign: Campaign, anchor: Anchor, zone: str, not_after: datetime, alive_at: datetime
 ) -> tuple[Due, ...]:
     found = []
-    # Local dates more than a day outside the window cannot qualify in any zone (UTC-12 to
-    # UTC+14): skip their zone arithmetic.
-    first_day = (alive_at - campaign.expires_after).date() - timedelta(days=2)
-    last_day = not_after.date() + timedelta(days=2)
-    for label, day in _local_dates(campaign.schedule, anchor, zone):
-        if not first_day <= day <= last_day:
-            continue
+    first_day, last_day = _day_bounds(alive_at, campaign.expires_after, not_after)
+    for label, day in _local_dates(campaign.schedule, anchor, zone, first_day, last_day):
         due_at = to_utc(day, campaign.schedule.at, zone)
         expires_at = due_at + campaign.expires_after
         if due_at <= not_after and expires_at > alive_at:
@@ -173,18 +178,42 @@ def _check_anchor(campaign: Campaign, anchor: Anchor) -> None:
         )
 
 
-def _local_dates(schedule: Schedule, anchor: Anchor, zone: str) -> list[tuple[str, date]]:
+def _day_bounds(
+    alive_at: datetime, expires_after: timedelta, not_after: datetime
+) -> tuple[date, date]:
+    """The local dates that may hold an occurrence of the window: a date more than a day
+    outside it cannot qualify in any zone (UTC-12 to UTC+14), so its zone arithmetic is
+    skipped. (Equal instants in other zones may have other dates: the zones are keys.)"""
+    return _bounds(alive_at, alive_at.tzinfo, expires_after, not_after, not_after.tzinfo)
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds(
+    alive_at: datetime, _: object, expires_after: timedelta, not_after: datetime, __: object
+) -> tuple[date, date]:
+    first_day = (alive_at - expires_after).date() - timedelta(days=2)
+    return first_day, not_after.date() + timedelta(days=2)
+
+
+def _local_dates(
+    schedule: Schedule, anchor: Anchor, zone: str, first_day: date, last_day: date
+) -> list[tuple[str, date]]:
+    """(label, local date) of the schedule's occurrences dated first_day..last_day."""
     if schedule.kind == "relative":
         base = _anchor_date(schedule.relative_to, anchor, zone)
+        days = [(offset, base + timedelta(days=offset)) for offset in schedule.offsets]
+        inside = [(offset, day) for offset, day in days if first_day <= day <= last_day]
+        if not inside:  # most anchors: no label to write
+            return []
         cycle = _anchor_value(anchor)
-        return [
-            (f"{offset:+d}d@{cycle}", base + timedelta(days=offset)) for offset in schedule.offsets
-        ]
+        return [(f"{offset:+d}d@{cycle}", day) for offset, day in inside]
     if schedule.kind == "recurring":
-        return _labelled(_recurring_dates(schedule, anchor, zone))
-    if schedule.on is None:
+        dated = _labelled(_recurring_dates(schedule, anchor, zone))
+    elif schedule.on is None:
         raise ValueError("a 'once' schedule needs 'on'")
-    return [("once", schedule.on)]
+    else:
+        dated = [("once", schedule.on)]
+    return [(label, day) for label, day in dated if first_day <= day <= last_day]
 
 
 @functools.lru_cache(maxsize=4096)

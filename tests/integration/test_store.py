@@ -336,6 +336,33 @@ def test_iter_patients_can_release_its_snapshot_between_batches(
     assert names == ["P0", "P1", "P2", "P3", "P4", "P9"]
 
 
+def test_iter_patients_leaves_out_a_patient_whose_key_was_destroyed_inside_a_dense_range(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """A batch's records are read by an id range (BETWEEN, for a dense run of more than 50
+    ids): a patient in that range whose key is gone, and their records, are left out."""
+    with session_factory() as session:
+        add_patients(session, keyring, *(make_record(f"P{i:02d}") for i in range(60)))
+        for i in range(60):
+            rx = Prescription(f"RX{i}", f"Drug {i}", "statin", date(2025, 3, 1))
+            queries.upsert_prescription(
+                session=session, keyring=keyring, patient_external_id=f"P{i:02d}", prescription=rx
+            )
+        pid = queries.patient_ids_for(session=session, external_ids=["P30"])["P30"]
+        session.execute(
+            update(m.PatientKey)
+            .where(m.PatientKey.patient_id == pid)
+            .values(wrapped_key=None, destroyed_at=T0)
+        )
+        session.commit()
+        streamed = list(queries.iter_patients(session=session, keyring=keyring, batch_size=100))
+    expected = [f"P{i:02d}" for i in range(60) if i != 30]
+    assert [d.patient.external_id for d in streamed] == expected
+    assert [d.prescriptions[0].medication for d in streamed] == [
+        f"Drug {i}" for i in range(60) if i != 30
+    ]
+
+
 def test_iter_patients_opens_only_the_sealed_fields_asked_for(
     session_factory: sessionmaker[Session], keyring: Keyring
 ) -> None:
