@@ -229,7 +229,21 @@ class Outbox(Base):
             sqlite_where=text(WAITING_SQL),
         ),
         Index(None, "patient_id", "status"),
-        Index(None, "patient_id", "sent_at"),
+        # Sent rows only, and rows handed to the provider only: the only ones read through
+        # them, and a planned row is neither (migration 0011).
+        Index(
+            "ix_outbox_patient_id_sent_at",
+            "patient_id",
+            "sent_at",
+            postgresql_where=text("sent_at IS NOT NULL"),
+            sqlite_where=text("sent_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_outbox_provider_sid",
+            "provider_sid",
+            postgresql_where=text("provider_sid IS NOT NULL"),
+            sqlite_where=text("provider_sid IS NOT NULL"),
+        ),
         Index(None, "campaign_id", "status"),
         # One row per key, scoped by patient (migration 0010): the key hashes the patient's
         # external id, so this is the key's own uniqueness, but planners write rows in
@@ -259,7 +273,7 @@ class Outbox(Base):
     encoding: Mapped[str | None] = mapped_column(String(8))
     reasons: Mapped[list[Any]] = mapped_column(default=list)
     policy_set: Mapped[str | None] = mapped_column(String(64))
-    provider_sid: Mapped[str | None] = mapped_column(String(64), index=True)
+    provider_sid: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]

@@ -64,12 +64,66 @@ def test_migrations_create_the_model_schema(db_url: str) -> None:
         assert current_revision(engine) is None
         upgrade(engine)
         upgrade(db_url)  # a second run is a no-op, from a URL too
-        assert current_revision(db_url) == head_revision() == "0010"
+        assert current_revision(db_url) == head_revision() == "0011"
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, m.Base.metadata) == []
         tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
         assert tables == set(m.Base.metadata.tables)
+    finally:
+        engine.dispose()
+
+
+def test_migration_0011_keeps_only_sent_rows_in_two_outbox_indexes(
+    db_url: str, keyring: Keyring
+) -> None:
+    """From 0010, with a planned row and a sent one: the provider-sid and sent-at indexes
+    become partial (the schema is the models'), both rows stay and are found by sid and by
+    sent time through them; downgrading makes them whole again."""
+    engine = make_engine(db_url)
+    sessions = db.make_session_factory(engine)
+
+    def conditions() -> dict[str, str]:
+        indexes = {i["name"]: i for i in inspect(engine).get_indexes("outbox")}
+        key = f"{engine.dialect.name}_where"
+        names = ("ix_outbox_provider_sid", "ix_outbox_patient_id_sent_at")
+        where = {n: indexes[n].get("dialect_options", {}).get(key) for n in names}
+        return {n: "" if w is None else str(w) for n, w in where.items()}
+
+    try:
+        upgrade(engine, "0010")
+        with sessions() as session:
+            add_patients(session, keyring, make_record("P1"))
+            pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+            row = dict(campaign_id="c", campaign_version="1", purpose="adherence",
+                       outcome="allow", due_at=T0, expires_at=T0, reasons=[], patient_id=pid,
+                       occurrence="")  # fmt: skip
+            session.add(m.Outbox(**row, idempotency_key="planned", status="queued"))
+            session.add(m.Outbox(**row, idempotency_key="sent", status="sent", sent_at=T0,
+                                 provider_sid="SM1"))  # fmt: skip
+            session.commit()
+        assert all(c == "" for c in conditions().values())
+        upgrade(engine)
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, m.Base.metadata) == []
+        after = conditions()
+        assert "provider_sid IS NOT NULL" in after["ix_outbox_provider_sid"]
+        assert "sent_at IS NOT NULL" in after["ix_outbox_patient_id_sent_at"]
+        o = m.Outbox
+        with sessions() as session:
+            assert session.scalars(select(o.idempotency_key).order_by(o.id)).all() == [
+                "planned",
+                "sent",
+            ]
+            assert (
+                session.scalar(select(o.idempotency_key).where(o.provider_sid == "SM1")) == "sent"
+            )
+            by_time = select(o.idempotency_key).where(o.patient_id == pid, o.sent_at >= T0)
+            assert session.scalars(by_time).all() == ["sent"]
+        db.downgrade(engine, "0010")
+        assert current_revision(engine) == "0010"
+        assert all(c == "" for c in conditions().values())
     finally:
         engine.dispose()
 
