@@ -52,7 +52,7 @@ def test_bulk_rows_read_back_as_rows_the_orm_inserted(
     with session_factory() as session:
         add_patients(session, keyring, make_record("P1"))
         pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
-        # COPY's text format escapes backslashes, tabs and newlines (PostgreSQL).
+        # What a text COPY would have to escape: backslashes, tabs and newlines.
         message = 'no "consent"\\ for\tadherence\n— yet é'
         shared = [{"rule": "consent", "effect": "deny", "message": message, "cite": None}]
         rows = [planned(pid, n, shared if n % 2 == 0 else []) for n in range(7)]
