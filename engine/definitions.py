@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 from engine.core import cel_context, domain, policy, policy_tests, render
@@ -100,6 +100,7 @@ class DefinitionSet:
         return bool(self.lint[(template.id, template.locale)].phi_variables)
 
 
+@cache  # a handful of locales, asked for several times per message planned
 def locale_language(locale: str) -> str:
     return locale.split("-")[0].split("_")[0].lower()
 

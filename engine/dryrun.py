@@ -68,11 +68,12 @@ class DryRunSummary:
         self.unapproved_templates |= other.unapproved_templates
         self.audience_errors += other.audience_errors
 
-    def add(self, evaluation: Evaluation) -> None:
+    def add(self, evaluation: Evaluation, count: int = 1) -> None:
+        """Count `count` evaluations like this one."""
         decision = evaluation.decision
-        self.outcomes[decision.outcome] += 1
+        self.outcomes[decision.outcome] += count
         if decision.outcome != "allow":
-            self.deciding_rules[decision.deciding_rule or "?"] += 1
+            self.deciding_rules[decision.deciding_rule or "?"] += count
         if not evaluation.approved:
             t = evaluation.template
             self.unapproved_templates.add(f"{t.file} ({t.version})")

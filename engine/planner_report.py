@@ -104,13 +104,27 @@ def summary(report: PlanReport) -> dict[str, Any]:
 
 
 def tally(report: PlanReport, rows: list[PlannedRow], ids: Mapping[str, int]) -> None:
+    """Count the rows written (`ids`: the inserted ones' by key) into their campaigns.
+    Rows of one campaign with one status, link or not and one decision (the policy memo
+    shares decisions) are counted together."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
     for row in rows:
-        plan = report.campaigns[row.values["campaign_id"]]
-        if row.key not in ids:  # another planner inserted it first
+        values, evaluation = row.values, row.evaluation
+        if values["idempotency_key"] not in ids:  # another planner inserted it first
+            plan = report.campaigns[values["campaign_id"]]
             plan.already_present += 1
             plan.raced += 1
             continue
-        plan.inserted += 1
-        plan.statuses[row.status] += 1
-        plan.links += row.link is not None
-        plan.summary.add(row.evaluation)
+        key = (values["campaign_id"], values["status"], row.link is not None)
+        key += (id(evaluation.decision), id(evaluation.template), evaluation.approved)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [evaluation, 1]
+        else:
+            group[1] += 1
+    for (campaign_id, status, link, *_), (evaluation, count) in groups.items():
+        plan = report.campaigns[campaign_id]
+        plan.inserted += count
+        plan.statuses[status] += count
+        plan.links += count if link else 0
+        plan.summary.add(evaluation, count)

@@ -6,6 +6,7 @@ import re
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -169,6 +170,13 @@ def test_sample_outcomes_are_stored_with_reasons(planner: Planner, sample: Defin
     statin = report.campaigns["statin-refill"]
     assert dict(statin.summary.outcomes) == {"allow": 5, "defer": 1, "deny": 3}
     assert statin.inserted == 9 and statin.already_present == 0
+    # The report's counts are the stored rows' (rows sharing a decision are counted together).
+    stored = [row for rows in planner.rows("statin-refill").values() for row in rows]
+    assert statin.statuses == Counter(row.status for row in stored)
+    assert statin.summary.deciding_rules == Counter(
+        row.reasons[0]["rule"] for row in stored if row.outcome != "allow"
+    )
+    assert statin.links == 0
     deferred = planner.rows("statin-refill")["S007"][1]
     assert deferred.send_at == datetime(2026, 12, 8, 16, 0, tzinfo=UTC)
     assert [r["rule"] for r in deferred.reasons] == ["hc-daily-cap", "expired"]
