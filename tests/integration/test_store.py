@@ -58,6 +58,17 @@ def grant(patient: str, purpose: str, at: datetime, status: str = "granted") -> 
     )
 
 
+def destroy_key(session: Session, external_id: str) -> int:
+    """Destroy the patient's data key, as erasure does; their row id."""
+    pid = queries.patient_ids_for(session=session, external_ids=[external_id])[external_id]
+    session.execute(
+        update(m.PatientKey)
+        .where(m.PatientKey.patient_id == pid)
+        .values(wrapped_key=None, destroyed_at=T0)
+    )
+    return pid
+
+
 def test_migrations_create_the_model_schema(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
@@ -402,12 +413,7 @@ def test_iter_patients_leaves_out_a_patient_whose_key_was_destroyed_inside_a_den
             queries.upsert_prescription(
                 session=session, keyring=keyring, patient_external_id=f"P{i:02d}", prescription=rx
             )
-        pid = queries.patient_ids_for(session=session, external_ids=["P30"])["P30"]
-        session.execute(
-            update(m.PatientKey)
-            .where(m.PatientKey.patient_id == pid)
-            .values(wrapped_key=None, destroyed_at=T0)
-        )
+        destroy_key(session, "P30")
         session.commit()
         streamed = list(queries.iter_patients(session=session, keyring=keyring, batch_size=100))
     expected = [f"P{i:02d}" for i in range(60) if i != 30]
@@ -650,12 +656,7 @@ def test_an_erased_patient_is_unreadable_and_not_streamed(
         consent_queries.record_consent_event(
             session=session, keyring=keyring, event=grant("P1", "adherence", T0)
         )
-        pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
-        session.execute(
-            update(m.PatientKey)
-            .where(m.PatientKey.patient_id == pid)
-            .values(wrapped_key=None, destroyed_at=T0)
-        )
+        pid = destroy_key(session, "P1")
         session.commit()
         with pytest.raises(queries.PatientErased):
             queries.load_patient(session=session, keyring=keyring, external_id="P1")
