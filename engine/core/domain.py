@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from functools import cached_property
 from typing import Any, Literal
 
 from engine.core.frozen import fast_init
@@ -40,7 +41,7 @@ class Patient:
     family_name: str = ""
     attributes: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property  # read several times per occurrence planned
     def zones(self) -> tuple[str, ...]:
         """Every zone the patient may be in: the known one, else each one the number maps to."""
         if self.timezone:

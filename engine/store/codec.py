@@ -107,12 +107,20 @@ def open_patient(
     """The decrypted patient from an ORM row or a Core row of the patients table; the phone
     stays sealed unless asked for, and so do the fields not in `sealed` (left empty: for a
     reader that never looks at them, as a planner whose templates use no family name)."""
+    phone = cipher.decrypt_field("phone", row.phone_enc) if with_phone else None
+    return PatientRecord(patient=patient_of(row, cipher, sealed=sealed), phone=phone)
+
+
+def patient_of(
+    row: Any, cipher: PatientCipher, *, sealed: Collection[str] = SEALED_FIELDS
+) -> domain.Patient:
+    """open_patient's patient alone (the phone stays sealed): what streams read."""
     open_ = cipher.decrypt_field
     birth = open_("birth_date", row.birth_date_enc) if "birth_date" in sealed else None
     attrs = open_("attributes", row.attributes_enc) if "attributes" in sealed else None
     given = open_("given_name", row.given_name_enc) if "given_name" in sealed else None
     family = open_("family_name", row.family_name_enc) if "family_name" in sealed else None
-    patient = domain.Patient(
+    return domain.Patient(
         external_id=row.external_id,
         timezone=row.timezone,
         candidate_timezones=candidate_zones(row.candidate_timezones),
@@ -125,8 +133,6 @@ def open_patient(
         family_name=family or "",
         attributes=json.loads(attrs) if attrs else {},
     )
-    phone = cipher.decrypt_field("phone", row.phone_enc) if with_phone else None
-    return PatientRecord(patient=patient, phone=phone)
 
 
 def seal_prescription(row: m.Prescription, cipher: PatientCipher, rx: domain.Prescription) -> None:

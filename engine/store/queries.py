@@ -309,7 +309,7 @@ def _patient_batch(
         cipher = ciphers[row.id]
         yield PatientData(
             id=row.id,
-            patient=codec.open_patient(row, cipher, with_phone=False, sealed=sealed).patient,
+            patient=codec.patient_of(row, cipher, sealed=sealed),
             prescriptions=tuple(rx[row.id]),
             appointments=tuple(appts[row.id]),
             cipher=cipher,
