@@ -110,7 +110,8 @@ def occurrences(
     Send times are computed in the patient's first zone (`patient.zones[0]`).
     """
     if not_after.utcoffset() is None or alive_at.utcoffset() is None:  # naive: say which
-        _aware(not_after, "not_after"), _aware(alive_at, "alive_at")
+        _aware(not_after, "not_after")
+        _aware(alive_at, "alive_at")
     _check_anchor(campaign, anchor)
     found = _due_times(campaign, anchor, patient.zones[0], not_after, alive_at)
     if not found:  # most anchors of a large population: no key to name

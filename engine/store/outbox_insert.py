@@ -180,6 +180,7 @@ def _copy_type(column: Any) -> str:
 COPY_TYPES: tuple[str, ...] = tuple(_copy_type(TABLE.c[name]) for name in COLUMNS)
 """The binary COPY's types of COLUMNS (rather than its text form: bodies went as hex text
 and times as ISO text, each parsed again by the server)."""
+_COPY_TYPES_WITH_ID = (_copy_type(TABLE.c.id), *COPY_TYPES)
 
 
 @cache
@@ -204,7 +205,7 @@ def _copy_insert(driver: Any, values: list[tuple[Any, ...]]) -> dict[str, int]:
         cursor.execute("SAVEPOINT outbox_copy")
         try:
             with cursor.copy(f"COPY outbox (id, {_NAMES}) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["int8", *COPY_TYPES])
+                copy.set_types(_COPY_TYPES_WITH_ID)
                 for id_, row in zip(ids, values, strict=True):
                     copy.write_row((id_, *row))
         except UniqueViolation:
