@@ -67,7 +67,7 @@ def make_engine(
     kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        kwargs.setdefault("connect_args", {}).setdefault("options", _utc_options(parsed))
+        kwargs.setdefault("connect_args", {}).setdefault("options", _session_options(parsed))
         if ping:
             kwargs.setdefault("pool_pre_ping", True)
             return create_engine(url, **kwargs)
@@ -97,10 +97,10 @@ def make_engine(
     return engine
 
 
-def _utc_options(url: Any) -> str:
-    """libpq options giving every session the UTC time zone (with any the URL gives): the
-    server's own may be any zone. psycopg then returns times in UTC, which the models'
-    UTCDateTime takes as they are instead of converting each one (engine.store.coltypes)."""
+def _session_options(url: Any) -> str:
+    """libpq options for every session (after any the URL gives): TimeZone=UTC, whatever
+    the server's own zone. psycopg then returns times in UTC, which the models'
+    UTCDateTime takes as they are instead of converting each one."""
     given = url.query.get("options")
     given = " ".join(given) if isinstance(given, tuple) else given
     return f"{given} -c TimeZone=UTC" if given else "-c TimeZone=UTC"

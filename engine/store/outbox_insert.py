@@ -253,8 +253,15 @@ def existing_keys(*, session: Session, keys: Iterable[tuple[int, str]]) -> set[s
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         patients, keys_ = zip(*wanted, strict=True)
-        rows = connection.exec_driver_sql(_EXISTING_KEYS_PG, (list(patients), list(keys_)))
-        return {key for (key,) in rows}
+        # Never prepared: psycopg prepares a statement a connection runs often, and
+        # PostgreSQL then settles on one generic plan. Chosen while the outbox was empty
+        # (a tick's first batches), that plan hashed the pairs and scanned the whole
+        # outbox, and kept doing so as the tick filled it. Planned each time, the lookup
+        # uses the unique index.
+        with connection.connection.driver_connection.cursor() as cursor:
+            params = (list(patients), list(keys_))
+            cursor.execute(_EXISTING_KEYS_PG, params, prepare=False)
+            return {key for (key,) in cursor}
     found: set[str] = set()
     for chunk in _padded_chunks(wanted):
         params = tuple(v for pair in chunk for v in pair)

@@ -189,3 +189,26 @@ def test_postgresql_copies_straight_into_the_outbox_unless_a_key_is_taken(
             )
         ).all()
         assert dict(rows) == ids | added
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+def test_postgresql_key_lookups_are_planned_each_time_never_prepared(
+    session_factory: sessionmaker[Session], keyring: Keyring
+) -> None:
+    """psycopg prepares a statement after a few runs on a connection, and PostgreSQL then
+    keeps one generic plan: for the key lookup, one made while the outbox was empty scans
+    the whole outbox. Many lookups on one connection across commits (as a tick's): the
+    lookup is never among the session's prepared statements, and still finds its key."""
+    with session_factory() as session:
+        add_patients(session, keyring, make_record("P1"))
+        pid = queries.patient_ids_for(session=session, external_ids=["P1"])["P1"]
+        session.commit()
+        for n in range(12):
+            row = {**planned(pid, n, []), "idempotency_key": f"p-{n:03d}"}
+            outbox_insert.insert_outbox_rows(session=session, rows=[row])
+            found = outbox_insert.existing_keys(session=session, keys=[(pid, f"p-{n:03d}")])
+            assert found == {f"p-{n:03d}"}
+            session.commit()
+        prepared = session.scalars(text("SELECT statement FROM pg_prepared_statements")).all()
+    assert prepared, "psycopg prepared nothing: the test no longer exercises the lookup"
+    assert not [s for s in prepared if "unnest" in s]
