@@ -24,7 +24,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -97,7 +97,7 @@ def make_engine(
     return engine
 
 
-def _session_options(url: Any) -> str:
+def _session_options(url: URL) -> str:
     """libpq options for every session (after any the URL gives): TimeZone=UTC, whatever
     the server's own zone. psycopg then returns times in UTC, which the models'
     UTCDateTime takes as they are instead of converting each one."""

@@ -69,6 +69,13 @@ def destroy_key(session: Session, external_id: str) -> int:
     return pid
 
 
+def schema_differences(engine: Engine) -> list[Any]:
+    """What autogenerate finds between the migrated database and the models (types too)."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, m.Base.metadata))
+
+
 def test_migrations_create_the_model_schema(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
@@ -76,9 +83,7 @@ def test_migrations_create_the_model_schema(db_url: str) -> None:
         upgrade(engine)
         upgrade(db_url)  # a second run is a no-op, from a URL too
         assert current_revision(db_url) == head_revision() == "0011"
-        with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
-            assert compare_metadata(context, m.Base.metadata) == []
+        assert schema_differences(engine) == []
         tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
         assert tables == set(m.Base.metadata.tables)
     finally:
@@ -115,9 +120,7 @@ def test_migration_0011_keeps_only_sent_rows_in_two_outbox_indexes(
             session.commit()
         assert all(c == "" for c in conditions().values())
         upgrade(engine)
-        with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
-            assert compare_metadata(context, m.Base.metadata) == []
+        assert schema_differences(engine) == []
         after = conditions()
         assert "provider_sid IS NOT NULL" in after["ix_outbox_provider_sid"]
         assert "sent_at IS NOT NULL" in after["ix_outbox_patient_id_sent_at"]
@@ -172,9 +175,7 @@ def test_migration_0010_keeps_the_outbox_and_scopes_its_key_by_patient(
             session.commit()
             before = session.execute(select(m.Outbox.id, m.Outbox.idempotency_key)).all()
         upgrade(engine)
-        with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
-            assert compare_metadata(context, m.Base.metadata) == []
+        assert schema_differences(engine) == []
         due = {i["name"]: i for i in inspect(engine).get_indexes("outbox")}["ix_outbox_due"]
         where = due["dialect_options"][f"{engine.dialect.name}_where"]
         assert "deferred" in str(where) and "queued" in str(where)
